@@ -1,0 +1,19 @@
+"""cellseg3d: the CellSegment3DUnet BisQue module's engine, exporter and wrapper."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="cellseg3d",
+    version="0.1.0",
+    description="Fast 3D cell segmentation with a 3D UNet (torch / ONNX Runtime / TensorRT) for BisQue",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*", "export", "export.*", "wrapper", "wrapper.*"]),
+    package_data={"engine": ["py.typed", "default_bundle/*.json", "default_bundle/*.pt"]},
+    install_requires=["numpy>=1.24", "scipy>=1.10", "scikit-image>=0.21", "tifffile>=2023.7", "torch>=2.1", "tqdm"],
+    extras_require={
+        "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnxconverter-common>=1.14"],
+        "test": ["pytest>=8", "pytest-timeout", "onnx>=1.15", "onnxruntime>=1.17", "onnxconverter-common>=1.14", "h5py", "pyyaml"],
+        "bench": ["pytest-benchmark>=4", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["cellseg3d=engine.cli:main"]},
+)
