@@ -7,6 +7,7 @@ traceback only with ``--verbose``). Only this module configures logging handlers
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -80,6 +81,11 @@ def _add_bundle(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bundle)
 
 
+# Sub-commands that live in the build-time packages: each module has ``register(subparsers)``. They are
+# found by name so the engine's library code never depends on them (a runtime image may leave them out).
+PLUGIN_MODULES = ("export.cli", "benchmarks.cli")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (kept apart from ``main`` so docs and tests can inspect it)."""
     parser = argparse.ArgumentParser(prog="cellseg3d", description="3D cell segmentation with a 3D UNet, fast.")
@@ -87,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_segment, _add_info, _add_bundle):
         add(sub)
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name not in (name, name.split(".")[0]):
+                raise
+            continue
+        module.register(sub)
     return parser
 
 
