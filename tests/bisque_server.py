@@ -1,0 +1,437 @@
+r"""A small BisQue server for tests: real HTTP on 127.0.0.1, stdlib only.
+
+It speaks just enough of BisQue for the real ``bqapi`` client (bisque-api 0.5.12.2) to run a module:
+
+    GET  /services                          service list (public): <resource><tag name="service" type=... value=.../>
+    GET  /module_service/mex/<uniq>         MEX document; ``view=deep`` includes <tag name="inputs"> etc.
+    POST|PUT /module_service/mex/<uniq>     MEX update: ``value`` attribute is the status; tags merged by name
+    GET  /data_service/<uniq>               resource document (<image uri=... resource_uniq=... value=BLOB_URL>)
+    GET  /image_service/<uniq>?meta         image metadata XML (the ``meta`` given to ``add_image``)
+    GET  /image_service/<uniq>?format=tiff  the stored TIFF bytes, unchanged
+    GET  /blob_service/<uniq>               the stored file
+    POST /import/transfer[_XXXXXX]          multipart upload (``file`` + ``file_resource`` XML), answers
+                                            <resource type="uploaded"><image name=... uri=... resource_uniq=.../>
+    GET  /auth_service/session              <session> with a user tag when basic auth is valid
+
+Every request but ``/services`` needs ``Authorization: Mex <token>`` (a token from ``create_mex``) or basic
+auth with the server's user and password; otherwise 401. A MEX token may update only its own MEX (else 403).
+
+Quickstart::
+
+    with BisqueTestServer() as server:
+        image_uri, uniq = server.add_image(tiff_bytes, "cells.tif")
+        mex_url, token = server.create_mex({"resource_url": image_uri, "threshold": "0.05"})
+        ...  # run the client against mex_url / token
+        assert server.mex_status(mex_url) == "FINISHED"
+
+Faults: ``fail_next(substring, status)``, ``close_connection_mid_download(substring)``,
+``stall_next(substring, seconds)`` and ``refuse_uploads(status)``. Every request is logged in ``requests``.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.parser
+import email.policy
+import secrets
+import sys
+import threading
+import urllib.parse
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+__all__ = ["BisqueTestServer", "RequestRecord", "Upload", "bisque_server"]
+
+_SERVICES = ("data_service", "image_service", "blob_service", "module_service", "import", "auth_service")
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request as the server saw it; ``headers`` keys are lower-case."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One accepted upload: the file part (``name``, ``data``) and the ``file_resource`` XML, if any."""
+
+    name: str
+    data: bytes
+    xml: ET.Element | None
+    uri: str
+    uniq: str
+
+
+@dataclass
+class _Fault:
+    substring: str
+    kind: str  # "status", "cut" or "stall"
+    value: float
+    times: int
+    method: str | None = None
+
+
+@dataclass
+class _Resource:
+    tag: str  # "image" or "file"
+    name: str
+    data: bytes
+    meta: dict[str, str] = field(default_factory=dict)
+    children: list[ET.Element] = field(default_factory=list)
+
+
+class BisqueTestServer:
+    """Serve BisQue's module-facing API from memory on ``127.0.0.1:<free port>``, in a daemon thread.
+
+    Args:
+        user: the basic-auth user, also the owner in MEX tokens (``"<user>:<mex uniq>"``).
+        password: the basic-auth password.
+    """
+
+    def __init__(self, *, user: str = "admin", password: str = "admin") -> None:
+        self.user, self.password = user, password
+        self.requests: list[RequestRecord] = []
+        self.uploads: list[Upload] = []
+        self._resources: dict[str, _Resource] = {}
+        self._mexes: dict[str, ET.Element] = {}
+        self._history: dict[str, list[str]] = {}
+        self._tokens: dict[str, str] = {}  # token -> mex uniq
+        self._faults: list[_Fault] = []
+        self._upload_status: int | None = None
+        self._lock = threading.RLock()
+        self._released = threading.Event()
+        self.errors: list[BaseException] = []  # exceptions raised while handling requests (server bugs)
+        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd.bisque = self  # type: ignore[attr-defined]
+        self.root = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True,
+                                        name=f"BisqueTestServer {self.root}")
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"<BisqueTestServer {self.root}>"
+
+    def __enter__(self) -> BisqueTestServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop serving, release stalled requests and free the port."""
+        self._released.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    # ---- content -------------------------------------------------------------------------------------
+    def add_image(self, data: bytes, name: str, /, *, meta: dict[str, str] | None = None) -> tuple[str, str]:
+        """Store TIFF bytes as an image; ``meta`` becomes ``image_service/<uniq>?meta`` tags.
+
+        Returns:
+            ``(resource_uri, resource_uniq)``; the URI is the data_service document.
+        """
+        return self._add(_Resource("image", name, bytes(data), dict(meta or {})))
+
+    def add_blob(self, data: bytes, name: str, /) -> tuple[str, str]:
+        """Store any file as a ``<file>`` resource; returns ``(resource_uri, resource_uniq)``."""
+        return self._add(_Resource("file", name, bytes(data)))
+
+    def create_mex(self, inputs: dict[str, str], /, *, status: str = "RUNNING",
+                   name: str = "CellSegment3DUnet") -> tuple[str, str]:
+        """Create a MEX whose ``inputs`` tag holds valueless ``mex_url``, ``bisque_token``, then ``inputs``.
+
+        Returns:
+            ``(mex_url, token)`` as the engine passes them to the module.
+        """
+        with self._lock:
+            uniq = self._new_uniq()
+            mex_url, token = f"{self.root}/module_service/mex/{uniq}", f"{self.user}:{uniq}"
+            mex = ET.Element("mex", uri=mex_url, resource_uniq=uniq, name=name, value=status)
+            section = ET.SubElement(mex, "tag", name="inputs")
+            for system_input in ("mex_url", "bisque_token"):  # valueless, as BisQue's module service stores them
+                ET.SubElement(section, "tag", name=system_input, type="system-input")
+            for key, value in inputs.items():
+                ET.SubElement(section, "tag", name=key, value=str(value))
+            self._mexes[uniq], self._history[uniq], self._tokens[token] = mex, [status], uniq
+            return mex_url, token
+
+    def mex_status(self, mex_url: str, /) -> str:
+        """The MEX's current status (its ``value`` attribute)."""
+        return self.mex_document(mex_url).get("value", "")
+
+    def mex_history(self, mex_url: str, /) -> list[str]:
+        """Every status the MEX had, in order, starting with the one it was created with."""
+        with self._lock:
+            return list(self._history[self._mex_uniq(mex_url)])
+
+    def mex_document(self, mex_url: str, /) -> ET.Element:
+        """A copy of the full MEX document."""
+        with self._lock:
+            return ET.fromstring(ET.tostring(self._mexes[self._mex_uniq(mex_url)]))
+
+    def mex_outputs(self, mex_url: str, /) -> dict[str, ET.Element]:
+        """The tags inside ``<tag name="outputs">``, by name."""
+        section = self.mex_document(mex_url).find("tag[@name='outputs']")
+        return {} if section is None else {t.get("name", ""): t for t in section}
+
+    # ---- faults --------------------------------------------------------------------------------------
+    def fail_next(self, substring: str, status: int, /, *, times: int = 1, method: str | None = None) -> None:
+        """Answer the next ``times`` requests (of ``method``, if given) whose path+query contains
+        ``substring`` with ``status``."""
+        with self._lock:
+            self._faults.append(_Fault(substring, "status", status, times, method))
+
+    def close_connection_mid_download(self, substring: str, /, *, times: int = 1) -> None:
+        """For the next matching file downloads, promise the full length, send half and hang up."""
+        with self._lock:
+            self._faults.append(_Fault(substring, "cut", 0, times))
+
+    def stall_next(self, substring: str, seconds: float, /, *, times: int = 1) -> None:
+        """Hold the next matching requests for ``seconds`` (or until ``close``) before answering."""
+        with self._lock:
+            self._faults.append(_Fault(substring, "stall", seconds, times))
+
+    def refuse_uploads(self, status: int | None, /) -> None:
+        """Answer every upload with ``status`` from now on; ``None`` accepts uploads again."""
+        with self._lock:
+            self._upload_status = status
+
+    # ---- internals -----------------------------------------------------------------------------------
+    def _take_fault(self, method: str, target: str, kinds: tuple[str, ...]) -> _Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.kind in kinds and fault.substring in target and fault.method in (None, method):
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        self._faults.remove(fault)
+                    return fault
+        return None
+
+    def _new_uniq(self) -> str:
+        return "00-" + secrets.token_urlsafe(16).replace("-", "x").replace("_", "y")
+
+    def _add(self, resource: _Resource) -> tuple[str, str]:
+        with self._lock:
+            uniq = self._new_uniq()
+            self._resources[uniq] = resource
+            return f"{self.root}/data_service/{uniq}", uniq
+
+    def _mex_uniq(self, mex_url: str) -> str:
+        return urllib.parse.urlsplit(mex_url).path.rstrip("/").rsplit("/", 1)[-1]
+
+    def _resource_xml(self, uniq: str, *, deep: bool = True) -> ET.Element:
+        res = self._resources[uniq]
+        elem = ET.Element(res.tag, name=res.name, resource_uniq=uniq, uri=f"{self.root}/data_service/{uniq}",
+                          value=f"{self.root}/blob_service/{uniq}")
+        if deep:
+            elem.extend(ET.fromstring(ET.tostring(child)) for child in res.children)
+        return elem
+
+    def _services_xml(self) -> ET.Element:
+        resource = ET.Element("resource", uri=f"{self.root}/services")
+        for service in _SERVICES:  # the trailing slash matters: bqapi urljoin()s paths onto these
+            ET.SubElement(resource, "tag", name="service", type=service, value=f"{self.root}/{service}/")
+        return resource
+
+    def _update_mex(self, uniq: str, posted: ET.Element) -> None:
+        """Apply a posted ``<mex value=STATUS>``: set the status, merge ``<tag>`` children by name."""
+        mex = self._mexes[uniq]
+        if posted.get("value"):
+            mex.set("value", posted.get("value", ""))
+            self._history[uniq].append(posted.get("value", ""))
+        for child in posted:
+            _merge_by_name(mex, child, depth=2 if child.get("name") in ("inputs", "outputs") else 1)
+
+    def _store_upload(self, name: str, data: bytes, xml: ET.Element | None) -> ET.Element:
+        tag = xml.tag if xml is not None else ("image" if name.lower().endswith((".tif", ".tiff")) else "file")
+        name = (xml.get("name") if xml is not None else None) or name
+        children = list(xml) if xml is not None else []
+        uri, uniq = self._add(_Resource(tag, name, data, children=children))
+        self.uploads.append(Upload(name=name, data=data, xml=xml, uri=uri, uniq=uniq))
+        answer = ET.Element("resource", type="uploaded")
+        answer.append(self._resource_xml(uniq))
+        return answer
+
+
+def _merge_by_name(parent: ET.Element, child: ET.Element, *, depth: int) -> None:
+    """Replace ``parent``'s same-named child (or append); at depth 2, merge one level further down."""
+    same = [c for c in parent if c.tag == child.tag and c.get("name") == child.get("name")]
+    if not same or child.get("name") is None:
+        parent.append(child)
+    elif depth > 1:
+        for grandchild in child:
+            _merge_by_name(same[0], grandchild, depth=depth - 1)
+    else:
+        parent[list(parent).index(same[0])] = child
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Record handler exceptions; a client that hung up (timeout, cut download) is not an error."""
+        exc = sys.exc_info()[1]
+        if exc is not None and not isinstance(exc, ConnectionError):
+            self.bisque.errors.append(exc)  # type: ignore[attr-defined]
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: avoid 40 ms delayed-ACK stalls
+    server: ThreadingHTTPServer
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence stderr logging
+        pass
+
+    @property
+    def bisque(self) -> BisqueTestServer:
+        return self.server.bisque  # type: ignore[attr-defined]
+
+    def _dispatch(self) -> None:
+        split = urllib.parse.urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        bq = self.bisque
+        with bq._lock:
+            bq.requests.append(RequestRecord(self.command, split.path, split.query,
+                                             {k.lower(): v for k, v in self.headers.items()}, body))
+        target = self.path
+        stall = bq._take_fault(self.command, target, ("stall",))
+        if stall is not None:
+            bq._released.wait(stall.value)
+        failure = bq._take_fault(self.command, target, ("status",))
+        if failure is not None:
+            return self._send(int(failure.value), b"injected failure", "text/plain")
+        parts = [urllib.parse.unquote(p) for p in split.path.strip("/").split("/") if p]
+        query = dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True))
+        if parts == ["services"]:
+            return self._send_xml(bq._services_xml())
+        token_uniq = self._authenticate()
+        if token_uniq is None:
+            return self._send(401, b"authentication required", "text/plain",
+                              {"WWW-Authenticate": 'Basic realm="bisque"'})
+        try:
+            self._route(parts, query, body, token_uniq)
+        except (KeyError, ValueError, ET.ParseError) as exc:
+            self._send(400 if isinstance(exc, (ValueError, ET.ParseError)) else 404,
+                       f"{type(exc).__name__}: {exc}".encode(), "text/plain")
+
+    do_GET = do_POST = do_PUT = _dispatch  # noqa: N815 - http.server looks these names up
+
+    def _authenticate(self) -> str | None:
+        """The MEX uniq of a valid Mex token, ``""`` for valid basic auth, ``None`` when unauthorized."""
+        scheme, _, credential = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme == "Mex":
+            return self.bisque._tokens.get(credential)
+        if scheme == "Basic":
+            try:
+                user, _, password = base64.b64decode(credential).decode().partition(":")
+            except ValueError:
+                return None
+            return "" if (user, password) == (self.bisque.user, self.bisque.password) else None
+        return None
+
+    def _route(self, parts: list[str], query: dict[str, str], body: bytes, token_uniq: str) -> None:
+        bq = self.bisque
+        service, rest = (parts[0], parts[1:]) if parts else ("", [])
+        resource = None
+        with bq._lock:
+            if service == "module_service" and rest[:1] == ["mex"] and len(rest) == 2:
+                return self._mex(rest[1], query, body, token_uniq)
+            if self.command == "GET" and service == "data_service" and rest:
+                return self._send_xml(bq._resource_xml(rest[-1], deep="short" not in query.get("view", "")))
+            if self.command == "GET" and service == "auth_service" and rest == ["session"]:
+                session = ET.Element("session")
+                ET.SubElement(session, "tag", name="user", value=bq.user)
+                return self._send_xml(session)
+            if self.command == "POST" and service == "import" and rest and rest[0].startswith("transfer"):
+                return self._upload(body)
+            if self.command == "GET" and service == "image_service" and len(rest) == 1 and "meta" in query:
+                return self._send_xml(self._meta_xml(rest[0]))
+            if self.command == "GET" and service in ("image_service", "blob_service") and len(rest) == 1:
+                if set(query) - {"format"} or query.get("format", "tiff").lower() not in ("tiff", "tif"):
+                    return self._send(501, f"not implemented: {query}".encode(), "text/plain")
+                resource = bq._resources[rest[0]]
+        if resource is not None:  # sent outside the lock: a cut or slow download must not block others
+            return self._send_file(resource)
+        self._send(404, f"no route for {self.command} {self.path}".encode(), "text/plain")
+
+    def _mex(self, uniq: str, query: dict[str, str], body: bytes, token_uniq: str) -> None:
+        bq = self.bisque
+        mex = bq._mexes[uniq]
+        if self.command in ("POST", "PUT"):
+            if token_uniq not in ("", uniq):
+                return self._send(403, b"this token may not update that MEX", "text/plain")
+            bq._update_mex(uniq, ET.fromstring(body))
+        if query.get("view", "short") in ("deep", "full"):
+            return self._send_xml(mex)
+        return self._send_xml(ET.Element("mex", dict(mex.attrib)))
+
+    def _meta_xml(self, uniq: str) -> ET.Element:
+        resource = self.bisque._resources[uniq]
+        meta = ET.Element("resource", uri=f"{self.bisque.root}/image_service/{uniq}?meta")
+        ET.SubElement(meta, "tag", name="filename", value=resource.name)
+        for key, value in resource.meta.items():
+            ET.SubElement(meta, "tag", name=key, value=str(value))
+        return meta
+
+    def _upload(self, body: bytes) -> None:
+        bq = self.bisque
+        if bq._upload_status is not None:
+            return self._send(bq._upload_status, b"uploads refused", "text/plain")
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + self.headers.get("Content-Type", "").encode() + b"\r\n\r\n" + body)
+        if not message.is_multipart():
+            raise ValueError("upload is not multipart/form-data")
+        name, data, xml = "", b"", None
+        for part in message.iter_parts():
+            field_name = part.get_param("name", header="content-disposition")
+            if field_name == "file":
+                name, data = part.get_filename() or "upload", part.get_payload(decode=True) or b""
+            elif field_name == "file_resource":
+                xml = ET.fromstring(part.get_payload(decode=True) or b"")
+        self._send_xml(bq._store_upload(name, data, xml))
+
+    def _send_file(self, resource: _Resource) -> None:
+        data = resource.data
+        ctype = "image/tiff" if resource.tag == "image" else "application/octet-stream"
+        if self.bisque._take_fault(self.command, self.path, ("cut",)) is not None:
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self._send(200, data, ctype, {"Content-Disposition": f'attachment; filename="{resource.name}"'})
+
+    def _send_xml(self, elem: ET.Element) -> None:
+        self._send(200, ET.tostring(elem, encoding="utf-8", xml_declaration=False), "text/xml")
+
+    def _send(self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def bisque_server() -> Iterator[BisqueTestServer]:
+    """A fresh ``BisqueTestServer`` per test, closed afterwards."""
+    with BisqueTestServer() as server:
+        yield server
