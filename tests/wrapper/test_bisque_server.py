@@ -302,7 +302,8 @@ def test_bounded_session_retries_5xx_then_gives_up(bisque_server: BisqueTestServ
 
 def test_bounded_session_times_out(run, tmp_path: Path) -> None:
     server, _, mex_url, image_uri = run
-    bq = bounded_session(timeout=(1.0, 0.3)).init_mex(mex_url, server.requests[0].headers["authorization"].removeprefix("Mex "))
+    token = server.requests[0].headers["authorization"].removeprefix("Mex ")
+    bq = bounded_session(timeout=(1.0, 0.3)).init_mex(mex_url, token)
     image = bq.load(image_uri)
     server.stall_next("/image_service/", 5, times=2)
     start = time.monotonic()
