@@ -1,4 +1,4 @@
-"""The ``cellseg3d`` command line: ``segment``, ``info``, ``bundle``.
+"""The ``cellseg3d`` command line: ``segment``, ``sample``, ``score``, ``info``, ``bundle`` (+ plug-ins).
 
 Usage and input errors print one line and exit 2; other failures print one line and exit 1 (the
 traceback only with ``--verbose``). Only this module configures logging handlers.
@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .errors import InputError
 
 __all__ = ["build_parser", "main"]
 
@@ -64,6 +66,26 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_info)
 
 
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample", help="write a synthetic 3D stack and its ground-truth labels", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("output", type=Path, help="image TIFF to write; the labels go to <stem>_labels.tif beside it")
+    p.add_argument("--kind", choices=("membrane", "nuclei"), default="membrane", help="membrane-stained tissue or nuclei")
+    p.add_argument("--shape", type=_shape, default=(64, 256, 256), help="Z,Y,X in voxels")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same volume)")
+    p.add_argument("--dtype", choices=("uint8", "uint16"), default="uint16", help="image pixel type")
+    p.set_defaults(func=_cmd_sample)
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="compare a label TIFF with ground-truth labels (instance metrics)")
+    p.add_argument("labels", type=Path, help="predicted label TIFF")
+    p.add_argument("truth", type=Path, help="ground-truth label TIFF")
+    p.add_argument("--iou", type=float, default=0.5, help="IoU a match must exceed (default: %(default)s)")
+    p.set_defaults(func=_cmd_score)
+
+
 def _add_bundle(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bundle", help="make a bundle from a checkpoint and a few facts", formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -91,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellseg3d", description="3D cell segmentation with a 3D UNet, fast.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_segment, _add_info, _add_bundle):
+    for add in (_add_segment, _add_sample, _add_score, _add_info, _add_bundle):
         add(sub)
     for name in PLUGIN_MODULES:
         try:
@@ -135,6 +157,29 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from .synthetic import write_sample
+
+    image, labels = write_sample(args.output, kind=args.kind, shape=args.shape, seed=args.seed, dtype=args.dtype)
+    print(f"{image}: synthetic {args.kind} stack {'x'.join(map(str, args.shape))}; ground truth in {labels}")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .io import read_volume
+    from .metrics import match_instances
+
+    pred, truth = read_volume(args.labels).data[0], read_volume(args.truth).data[0]
+    if pred.shape != truth.shape:
+        raise InputError(f"{args.labels}: shape {pred.shape} differs from {args.truth}: {truth.shape}")
+    s = match_instances(pred, truth, iou_threshold=args.iou)
+    print(
+        f"{args.labels}: {s.n_pred} cells vs {s.n_gt} true | F1@{args.iou:g}={s.f1:.3f} precision={s.precision:.3f} "
+        f"recall={s.recall:.3f} mean matched IoU={s.mean_matched_iou:.3f} adapted Rand error={s.adapted_rand_error:.3f}"
+    )
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .backends import backend_status
     from .bundle import load_bundle
@@ -151,7 +196,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
     from .bundle import Bundle, Normalization, OutputSpec, PostprocessSpec, make_bundle
-    from .errors import InputError
 
     if (args.checkpoint is None) == (not args.random):
         raise InputError("give a checkpoint, or --random for a randomly initialised smoke-test bundle")
@@ -173,7 +217,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 runtime failure, 2 usage or input error)."""
-    from .errors import BackendUnavailableError, BundleError, CellSegError, InputError
+    from .errors import BackendUnavailableError, BundleError, CellSegError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

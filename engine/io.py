@@ -113,12 +113,12 @@ def read_volume(path: str | os.PathLike[str], /, *, channel: int | None = None, 
         raise InputError(f"{p}: not a readable TIFF ({exc})") from exc
     if data.dtype.type not in _SUPPORTED_DTYPES:
         raise InputError(f"{p}: unsupported pixel type {data.dtype}; use uint8, uint16 or float32")
+    if data.size == 0:
+        raise InputError(f"{p}: empty image (shape {data.shape})")
     data = _to_czyx(data, axes, p, channel)
     if data.shape[0] != channels:
         hint = "; choose one with --channel" if channels == 1 else ""
         raise InputError(f"{p}: has {data.shape[0]} channels, the model takes {channels}{hint}")
-    if data.size == 0:
-        raise InputError(f"{p}: empty image (shape {data.shape})")
     return Volume(data=data, voxel_size_um=voxel, path=p)
 
 

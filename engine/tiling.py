@@ -2,8 +2,9 @@
 
 The volume is covered by overlapping patches (the last one along each axis is shifted back to end at the
 border, so no padding is needed unless the volume is smaller than a patch). Each prediction is weighted by
-a gaussian importance map and accumulated, together with the weights, on the device that ran the model;
-dividing by the summed weights makes the blend exact: an identity model returns its input.
+a gaussian importance map divided by the summed weights of all patches covering the voxel (known from the
+plan before any model runs), and accumulated on the device that ran the model. The blend is exact: an
+identity model returns its input to float32 precision.
 """
 
 from __future__ import annotations
@@ -168,18 +169,25 @@ def sliding_window(
     padded = torch.from_numpy(np.ascontiguousarray(_pad(volume, config.patch_shape, config.padding)))
     corners = plan_patches(padded.shape[1:], config)
     weights = importance_map(config.patch_shape, sigma_scale=config.sigma_scale, device=device)
+    norm = _weight_sum(padded.shape[1:], corners, weights)
     out = torch.zeros((out_channels, *padded.shape[1:]), dtype=torch.float32, device=device)
-    norm = torch.zeros(padded.shape[1:], dtype=torch.float32, device=device)
     pz, py, px = config.patch_shape
     done = 0
     for batch, chunk in _device_batches(_host_batches(padded, corners, config), device):
         pred = run(batch)
-        pred.mul_(weights)
         for i, (z, y, x) in enumerate(chunk):
-            out[:, z : z + pz, y : y + py, x : x + px] += pred[i]
-            norm[z : z + pz, y : y + py, x : x + px] += weights
+            region = (slice(z, z + pz), slice(y, y + py), slice(x, x + px))
+            out[(slice(None), *region)] += pred[i] * (weights / norm[region])
         done += len(chunk)
         if progress is not None:
             progress(done, len(corners))
-    out.div_(norm)
     return out[:, : shape[0], : shape[1], : shape[2]]
+
+
+def _weight_sum(shape: Sequence[int], corners: list[tuple[int, int, int]], weights: torch.Tensor) -> torch.Tensor:
+    """Summed importance weights per voxel, added in float64 so the blend's weights sum to 1 within float32."""
+    norm = torch.zeros(tuple(shape), dtype=torch.float64, device=weights.device)
+    pz, py, px = weights.shape
+    for z, y, x in corners:
+        norm[z : z + pz, y : y + py, x : x + px] += weights
+    return norm.to(torch.float32)
