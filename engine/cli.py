@@ -196,12 +196,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
     from .bundle import Bundle, Normalization, OutputSpec, PostprocessSpec, make_bundle
+    from .models import build_model
 
     if (args.checkpoint is None) == (not args.random):
         raise InputError("give a checkpoint, or --random for a randomly initialised smoke-test bundle")
     kwargs = dict(args.arch_kwargs)
     channels = int(kwargs.get("in_channels", 1))
-    n_out = int(kwargs.get("out_channels", kwargs.get("n_classes", 1)))
+    n_out = int(build_model(args.arch, kwargs).out_channels)
     template = Bundle(
         path=args.out, name=args.name or args.out.name, architecture=args.arch, arch_kwargs=kwargs, in_channels=channels,
         normalization=Normalization(kind=args.normalization),

@@ -48,7 +48,7 @@ class Modified3DUNet(nn.Module):
     def __init__(self, in_channels: int = 1, n_classes: int = 2, *, base_n_filter: int = 16) -> None:
         super().__init__()
         b = base_n_filter
-        self.n_classes = n_classes
+        self.n_classes = self.out_channels = n_classes
         self.lrelu = nn.LeakyReLU()
         self.dropout3d = nn.Dropout3d(p=0.6)
         self.conv3d_c1_1 = _conv(in_channels, b)

@@ -132,13 +132,17 @@ class UNet3D(nn.Module):
         self.final_activation: nn.Module = nn.Sigmoid() if final_sigmoid else nn.Softmax(dim=1)
 
     @property
+    def out_channels(self) -> int:
+        return self.final_conv.out_channels
+
+    @property
     def divisor(self) -> int:
         """Spatial sizes must be multiples of this (one 2x pooling per level below the first)."""
         return 2 ** (len(self.f_maps) - 1)
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits, ``(N, out_channels, Z, Y, X)``; training uses these."""
-        features = []
+        features: list[torch.Tensor] = []
         for encoder in self.encoders:
             x = encoder(x)
             features.insert(0, x)
