@@ -202,7 +202,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
         raise InputError("give a checkpoint, or --random for a randomly initialised smoke-test bundle")
     kwargs = dict(args.arch_kwargs)
     channels = int(kwargs.get("in_channels", 1))
-    n_out = int(build_model(args.arch, kwargs).out_channels)
+    n_out = int(getattr(build_model(args.arch, kwargs), "out_channels"))
     template = Bundle(
         path=args.out, name=args.name or args.out.name, architecture=args.arch, arch_kwargs=kwargs, in_channels=channels,
         normalization=Normalization(kind=args.normalization),
