@@ -72,7 +72,7 @@ class CellTable:
         """``(n,)`` volumes in cubic micrometres, or None without a voxel size."""
         if self.voxel_size_um is None:
             return None
-        return self.volume_voxels * float(np.prod(self.voxel_size_um))
+        return self.volume_voxels * np.float64(np.prod(self.voxel_size_um))
 
     @property
     def centroid_um(self) -> NDArray[np.float64] | None:
