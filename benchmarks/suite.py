@@ -1,0 +1,185 @@
+"""One benchmark run: machine facts, peaks, the reference per size, every method, one JSON file.
+
+:func:`run_suite` is what ``cellseg3d bench`` and ``benchmarks/gpu_host.py`` call. The JSON is rewritten
+after every method, so a run cut short still leaves its finished rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.backends.torch_backend import cpu_has_native_bf16, default_threads
+from engine.errors import CellSegError
+from engine.postprocess import label_cells
+
+from .cases import SIZES, bench_bundle, make_case, reference_probabilities, scratch_dir
+from .measure import flops_per_voxel, machine_peak
+from .methods import Context, Method, default_methods, run_method
+
+__all__ = ["SuiteConfig", "run_suite", "machine_info"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """What to run.
+
+    Args:
+        sizes: names from ``benchmarks.cases.SIZES``.
+        gpu: run the CUDA methods (and the peers on CUDA) instead of the CPU ones.
+        repeats: timed repetitions per method (the best is kept).
+        only: substrings; when given, only methods whose name contains one of them run.
+        prefer_default_bundle: benchmark ``engine/default_bundle`` when it is installed.
+        slab_voxels: voxel budget of the engine's ``slab-patch`` rows.
+        shapes: optional ``size -> (Z, Y, X)`` overrides.
+    """
+
+    sizes: Sequence[str] = ("small",)
+    gpu: bool = False
+    repeats: int = 1
+    only: Sequence[str] = ()
+    prefer_default_bundle: bool = True
+    slab_voxels: int = 2**23
+    shapes: dict[str, tuple[int, int, int]] | None = None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device, /) -> dict[str, Any]:
+    """The facts a number needs to be read: CPU, cores, load, torch, GPU."""
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "cpu": _cpu_model(),
+        "cores_available": default_threads(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "loadavg_start": list(os.getloadavg()),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    for module in ("monai", "onnxruntime", "tensorrt"):
+        try:
+            info[module] = __import__(module).__version__
+        except ImportError:
+            info[module] = None
+    return info
+
+
+def _write(doc: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _prepare_exports(bundle_dir: Path, gpu: bool, notes: list[str]) -> None:
+    """Export ONNX (and a TensorRT plan on GPU hosts) into the scratch bundle so those backends can run."""
+    try:
+        from engine.bundle import load_bundle
+        from export.bundle_export import ExportOptions, export_bundle
+    except ImportError as exc:
+        notes.append(f"no ONNX/TensorRT export ({exc}); those backends are skipped")
+        return
+    try:
+        summary = export_bundle(load_bundle(bundle_dir), options=ExportOptions(tensorrt=gpu))
+        notes.extend(summary.lines)
+    except (CellSegError, ImportError, RuntimeError, OSError, ValueError) as exc:
+        notes.append(f"export failed ({type(exc).__name__}: {exc}); ONNX/TensorRT backends are skipped")
+
+
+def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark and write ``out_dir/results.json``; returns the same document.
+
+    Args:
+        config: sizes, device, repetitions, filters.
+        out_dir: results folder (created); label TIFFs of every run go to ``out_dir/labels``.
+        progress: called with one line per finished step.
+    """
+    say = progress or (lambda line: logger.info("%s", line))
+    device = torch.device("cuda") if config.gpu else torch.device("cpu")
+    torch.set_num_threads(default_threads())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "labels").mkdir(exist_ok=True)
+    work = scratch_dir()
+    try:
+        bundle, origin = bench_bundle(work, prefer_default=config.prefer_default_bundle)
+        if bundle.path.resolve() != (work / "bench_bundle").resolve():
+            shutil.copytree(bundle.path, work / "bench_bundle", ignore=shutil.ignore_patterns("engines"))
+            from engine.bundle import load_bundle
+
+            bundle = load_bundle(work / "bench_bundle")
+        notes: list[str] = []
+        methods = [m for m in default_methods(gpu=config.gpu) if not config.only or any(s in m.name for s in config.only)]
+        if any(m.backend.startswith(("ort", "tensorrt")) for m in methods):
+            _prepare_exports(bundle.path, config.gpu, notes)
+            from engine.bundle import load_bundle
+
+            bundle = load_bundle(bundle.path)
+        peaks = {p: machine_peak(device, p) for p in ("fp32", "bf16", "fp16") if p != "fp16" or config.gpu}
+        fpv = flops_per_voxel(bundle.build_model(), in_channels=bundle.in_channels, patch_shape=bundle.patch_shape)
+        doc: dict[str, Any] = {
+            "machine": machine_info(device),
+            "bundle": {"name": bundle.name, "origin": origin, "patch_shape": list(bundle.patch_shape), "overlap": bundle.overlap,
+                       "architecture": bundle.architecture, "arch_kwargs": bundle.arch_kwargs, "postprocess": vars(bundle.postprocess)},
+            "flops_per_voxel": fpv,
+            "peak_gflops": peaks,
+            "peak_note": "best of 5 square matmuls (2048 on CPU, 8192 on CUDA) in this process",
+            "notes": notes,
+            "cases": [],
+            "results": [],
+        }
+        say(f"bundle: {origin}; {fpv / 1e3:.1f} kFLOP/voxel; peak GFLOP/s {', '.join(f'{k} {v:.0f}' for k, v in peaks.items())}")
+        ctx = Context(bundle=bundle, device=device, flops_per_voxel=fpv, peaks=peaks, out_dir=out_dir / "labels",
+                      repeats=config.repeats, slab_voxels=config.slab_voxels)
+        for size in config.sizes:
+            shape = (config.shapes or {}).get(size) or SIZES[size]
+            case = make_case(size, work, shape=shape)
+            probs = reference_probabilities(case, bundle, device=device)
+            case.notes["reference_cells"] = int(label_cells(probs, output=bundle.output, spec=bundle.postprocess).max())
+            del probs
+            doc["cases"].append({"size": size, "shape": list(case.shape), "voxels": case.voxels, **case.notes})
+            say(f"{size} {'x'.join(map(str, case.shape))}: reference {case.notes['reference']} in {case.notes['reference_seconds']:.1f} s")
+            for method in methods:
+                rec = run_method(method, case, ctx)
+                rec["loadavg"] = list(os.getloadavg())
+                doc["results"].append(rec)
+                _write(doc, out_dir / "results.json")
+                say(_line(rec))
+        doc["machine"]["loadavg_end"] = list(os.getloadavg())
+        _write(doc, out_dir / "results.json")
+        return doc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _line(rec: dict[str, Any]) -> str:
+    if "skipped" in rec:
+        return f"  {rec['method']:36s} skipped: {rec['skipped']}"
+    dice = f"{rec['dice']:.4f}" if rec.get("dice") is not None else "-"
+    return (f"  {rec['method']:36s} {rec['seconds']:8.2f} s {rec['voxels_per_s'] / 1e6:8.2f} Mvox/s "
+            f"{rec['gflops']:7.1f} GFLOP/s dice {dice}")
