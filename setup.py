@@ -7,13 +7,16 @@ setup(
     version="0.1.0",
     description="Fast 3D cell segmentation with a 3D UNet (torch / ONNX Runtime / TensorRT) for BisQue",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "export", "export.*", "wrapper", "wrapper.*"]),
+    packages=find_packages(include=["engine", "engine.*", "export", "export.*", "wrapper", "wrapper.*", "benchmarks"]),
     package_data={"engine": ["py.typed", "default_bundle/*.json", "default_bundle/*.pt"]},
     install_requires=["numpy>=1.24", "scipy>=1.10", "scikit-image>=0.21", "tifffile>=2023.7", "torch>=2.1", "tqdm"],
     extras_require={
         "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnxconverter-common>=1.14"],
-        "test": ["pytest>=8", "pytest-timeout", "onnx>=1.15", "onnxruntime>=1.17", "onnxconverter-common>=1.14", "h5py", "pyyaml"],
-        "bench": ["pytest-benchmark>=4", "matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-benchmark>=4", "onnx>=1.15", "onnxruntime>=1.17", "onnxconverter-common>=1.14", "h5py", "pyyaml"],
+        # Peers for `cellseg3d bench`: MONAI is installed apart, with `pip install --no-deps monai` (it needs only
+        # numpy and torch at run time; resolving its requirements could swap the CPU torch wheel for a CUDA one).
+        # pytorch-3dunet's predictor and the original module's loop are re-implemented in benchmarks/peers.py.
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.6"],
     },
     entry_points={"console_scripts": ["cellseg3d=engine.cli:main"]},
 )
