@@ -18,10 +18,14 @@ __all__ = ["Backend", "BackendOptions", "BACKEND_ORDER", "BACKEND_CHOICES", "bac
 
 logger = logging.getLogger(__name__)
 
-# name -> (module, class); fastest first, as ``auto`` tries them.
+# name -> (module, class); fastest first, as ``auto`` tries them (DESIGN.md, issue 4). ``ort-cpu`` is last:
+# on the project's CPU ONNX Runtime is slower than torch.
 _REGISTRY: dict[str, tuple[str, str]] = {
+    "tensorrt": ("trt_backend", "TensorRTBackend"),
+    "ort-gpu": ("ort_backend", "OrtGPUBackend"),
     "torch-cuda": ("torch_backend", "TorchCUDABackend"),
     "torch-cpu": ("torch_backend", "TorchCPUBackend"),
+    "ort-cpu": ("ort_backend", "OrtCPUBackend"),
 }
 BACKEND_ORDER: tuple[str, ...] = tuple(_REGISTRY)
 BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKEND_ORDER)
@@ -71,7 +75,14 @@ def select_backend(name: str, bundle: Bundle, /, *, options: BackendOptions | No
         except BackendUnavailableError as exc:
             reason = str(exc)
         if reason is None:
-            return cls(bundle, options=options)
+            try:
+                return cls(bundle, options=options)
+            except BackendUnavailableError as exc:  # this bundle cannot run here (e.g. not exported, no plan)
+                if name != "auto":
+                    raise
+                logger.warning("backend %s skipped: %s", candidate, exc)
+                reasons.append(f"{candidate}: {exc}")
+                continue
         if name != "auto":
             raise BackendUnavailableError(f"backend {candidate} cannot run here: {reason}")
         logger.info("backend %s skipped: %s", candidate, reason)
