@@ -12,7 +12,9 @@ setup(
     install_requires=["numpy>=1.24", "scipy>=1.10", "scikit-image>=0.21", "tifffile>=2023.7", "torch>=2.1", "tqdm"],
     extras_require={
         "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnxconverter-common>=1.14"],
-        "test": ["pytest>=8", "pytest-timeout", "pytest-benchmark>=4", "onnx>=1.15", "onnxruntime>=1.17", "onnxconverter-common>=1.14", "h5py", "pyyaml"],
+        "bisque": ["bisque-api[lxml]==0.5.12.2"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-benchmark>=4", "onnx>=1.15", "onnxruntime>=1.17", "onnxconverter-common>=1.14", "h5py", "pyyaml",
+                 "bisque-api[lxml]==0.5.12.2"],
         # Peers for `cellseg3d bench`: MONAI is installed apart, with `pip install --no-deps monai` (it needs only
         # numpy and torch at run time; resolving its requirements could swap the CPU torch wheel for a CUDA one).
         # pytorch-3dunet's predictor and the original module's loop are re-implemented in benchmarks/peers.py.

@@ -6,7 +6,8 @@ BisQue's engine runs, in the module folder (``/module`` in the image)::
     python PythonScriptWrapper.py <resource_url> <threshold> <min_dist> <label_threshd> <mex_url> <user:token>
 
 that is the inputs in module-XML order, then the MEX URL and its token. Inputs in the MEX's ``inputs`` tag win
-over the positional values; empty ones fall back to them, then to the model bundle's defaults. The MEX status
+over the positional values (an empty one means the model bundle's default); a positional value counts only for
+an input the MEX lacks. The MEX status
 follows the run (``fetching image``, ``segmenting n%``, ``uploading results``) and ends ``FINISHED`` with the
 outputs ``Segmentation`` (label image), ``Cell table`` (CSV: volume, centroid, bounding box, neighbours per
 cell) and ``Metadata`` (cell count, backend, precision, timings, parameters). On any failure the MEX ends
@@ -82,7 +83,8 @@ def _convert(name: str, raw: Any) -> str | float | int:
 
 
 def resolve_params(positional: Sequence[str], mex_inputs: Mapping[str, Any], /) -> Params:
-    """Merge the inputs: a non-empty MEX value wins over the positional one; neither means the bundle's default.
+    """Merge the inputs: an input the MEX has wins (empty there means the bundle's default); the positional
+    value counts only for an input the MEX lacks (or with no MEX), since BisQue may drop empty arguments.
 
     Raises:
         UsageError: no resource, or a value that is not a valid number for its input.
@@ -91,12 +93,11 @@ def resolve_params(positional: Sequence[str], mex_inputs: Mapping[str, Any], /) 
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for name in INPUTS:
-        for where, raw in (("MEX", mex_inputs.get(name)), ("argument", given.get(name))):
-            if raw is not None and str(raw).strip().lower() not in _MISSING:
-                values[name], origin[name] = _convert(name, raw), where
-                break
-        else:
+        where, raw = ("MEX", mex_inputs[name]) if name in mex_inputs else ("argument", given.get(name))
+        if raw is None or str(raw).strip().lower() in _MISSING:
             origin[name] = "bundle default"
+        else:
+            values[name], origin[name] = _convert(name, raw), where
     if "resource_url" not in values:
         raise UsageError("no resource_url: give it as the first argument or as the MEX input 'resource_url'")
     return Params(**values, origin=origin)

@@ -101,17 +101,18 @@ def new_session(policy: HttpPolicy, /) -> BQSession:
 
 def describe(exc: BaseException, /) -> str:
     """One line for a transport failure, without the request's headers."""
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None  # urllib3's MaxRetryError inside
     if isinstance(exc, requests.exceptions.RetryError):
-        reason = getattr(exc.args[0], "reason", None) if exc.args else None
         return f"the server kept failing ({reason or exc})"
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
+    if isinstance(reason, urllib3.exceptions.NewConnectionError):  # a ConnectTimeoutError subclass: test first
+        return f"connection failed (cannot connect to {reason.conn.host}:{reason.conn.port})"
+    if isinstance(exc, requests.exceptions.ConnectTimeout) or isinstance(reason, urllib3.exceptions.ConnectTimeoutError):
         return "no connection (timed out)"
-    if isinstance(exc, requests.exceptions.ReadTimeout):
+    if isinstance(exc, requests.exceptions.ReadTimeout) or isinstance(reason, urllib3.exceptions.ReadTimeoutError):
         return "no answer (timed out)"
     if isinstance(exc, (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)):
         return "the connection was closed mid-transfer"
     if isinstance(exc, requests.exceptions.ConnectionError):
-        reason = getattr(exc.args[0], "reason", None) if exc.args else None
         return f"connection failed ({reason or exc})"
     return f"{type(exc).__name__}: {exc}"
 
