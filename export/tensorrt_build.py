@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,17 @@ def skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return f"torch {torch.__version__} sees no CUDA GPU"
     return None
+
+
+def _gate_runtime(trt: ModuleType, *, lean: bool) -> ModuleType:
+    """The runtime that runs the gate: for a --lean plan the lean runtime when installed (what the image runs)."""
+    if lean:
+        try:
+            import tensorrt_lean
+        except ImportError:
+            return trt
+        return tensorrt_lean
+    return trt
 
 
 def _record(bundle: Bundle, value: dict[str, Any]) -> Bundle:
@@ -100,7 +112,10 @@ def build_plan_for_bundle(
         )
         plan = build_serialized_plan(trt, onnx_path, profile, settings=settings)
         build_s = time.perf_counter() - started
-        engine = TrtEngine(trt, plan, record=None, profile=profile, out_channels=len(bundle.output.names), device=device)
+        engine = TrtEngine(
+            _gate_runtime(trt, lean=options.lean), plan, record=None, profile=profile, out_channels=len(bundle.output.names),
+            device=device, version_compatible=options.lean,
+        )
         gate_started = time.perf_counter()
         candidate = probabilities(bundle, sample, engine.run, device=device, batch_size=min(4, options.max_batch))
         gate = compare(bundle, reference, candidate, sample=sample.source, started=gate_started)

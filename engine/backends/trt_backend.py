@@ -52,13 +52,16 @@ class TrtEngine:
         BundleError: the plan's inputs/outputs are not the bundle's fp32 ``input``/``output``.
     """
 
-    def __init__(self, trt: ModuleType, plan: bytes, /, *, record: PlanRecord | None, profile: Profile, out_channels: int, device: torch.device) -> None:
+    def __init__(
+        self, trt: ModuleType, plan: bytes, /, *, record: PlanRecord | None, profile: Profile, out_channels: int,
+        device: torch.device, version_compatible: bool = False,
+    ) -> None:
         where = record.plan_path if record is not None else "new plan"
         self.profile, self.out_channels, self.device = profile, out_channels, device
         self._logger = trt.Logger(trt.Logger.WARNING)  # must outlive the runtime and engine
         self._runtime = trt.Runtime(self._logger)
-        if record is not None and record.key.version_compatible and hasattr(self._runtime, "engine_host_code_allowed"):
-            self._runtime.engine_host_code_allowed = True  # our own keyed, sha-checked plan
+        if version_compatible and hasattr(self._runtime, "engine_host_code_allowed"):
+            self._runtime.engine_host_code_allowed = True  # our own plan: keyed and sha-checked, or just built
         with torch.cuda.device(device):
             self.engine = self._runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
@@ -198,7 +201,10 @@ class TensorRTBackend(Backend):
         return self._build(patch_shape, avoid=avoid)
 
     def _engine(self, record: PlanRecord, plan: bytes) -> TrtEngine:
-        return TrtEngine(self.trt, plan, record=record, profile=record.key.profile, out_channels=len(self.bundle.output.names), device=self.device)
+        return TrtEngine(
+            self.trt, plan, record=record, profile=record.key.profile, out_channels=len(self.bundle.output.names),
+            device=self.device, version_compatible=record.key.version_compatible,
+        )
 
     def _build(self, patch_shape: tuple[int, int, int], *, avoid: object = None) -> tuple[PlanRecord, TrtEngine]:
         """Build, gate and cache a plan for this host (lazy build), under a lock on the engines folder.
