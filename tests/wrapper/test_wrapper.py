@@ -233,6 +233,24 @@ def test_unreachable_server_exits_nonzero_quickly(tiny_bundle: Bundle) -> None:
     assert ran.rc == 1 and ran.seconds < BOUND_S and "connection failed" in ran.err
 
 
+def test_sigterm_ends_failed(image: Any, tiny_bundle: Bundle) -> None:
+    server, image_uri, _ = image
+    server.stall_next("/image_service/", 60)
+    mex_url, token = server.create_mex({"resource_url": image_uri})
+    env = {**os.environ, "CELLSEG3D_BUNDLE": str(tiny_bundle.path), **FAST_HTTP, "CELLSEG3D_HTTP_TIMEOUT": "60"}
+    process = subprocess.Popen([sys.executable, str(WRAPPER), mex_url, token], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + BOUND_S
+    while server.mex_status(mex_url) != "fetching image" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the stalled download
+    process.terminate()  # what `docker stop` sends
+    out, err = process.communicate(timeout=BOUND_S)
+    assert process.returncode == 1 and token not in out + err
+    assert server.mex_history(mex_url) == ["RUNNING", "fetching image", "FAILED"]
+    assert _error_message(server, mex_url) == "fetching the image: stopped by SIGTERM"
+
+
 def test_finish_is_checked_and_never_left_finished_after_a_failure(image: Any, module: ModuleType) -> None:
     from wrapper.bisque_io import BisqueError, HttpPolicy, open_mex_session
     from wrapper.mex import Mex
