@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,8 +182,12 @@ def _voxel_size(result: Any, labels_path: Path) -> tuple[float, float, float] | 
     return voxel
 
 
-def _metadata(result: Any, params: Params, bundle: Any, voxel: tuple[float, ...] | None) -> dict[str, Any]:
+def _metadata(result: Any, params: Params, bundle: Any, voxel: tuple[float, ...] | None,
+              io_s: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The ``Metadata`` output: what ran, with which parameters, and the seconds per stage (``io_s``: the
+    wrapper's own, such as fetch and upload)."""
     report = result.report
+    timings = {**report.timings, **(io_s or {})}
     return {
         "cell_count": report.n_cells, "backend": report.backend, "precision": report.precision,
         "device": report.device, "patch_shape": "x".join(map(str, report.patch_shape)),
@@ -192,7 +197,7 @@ def _metadata(result: Any, params: Params, bundle: Any, voxel: tuple[float, ...]
         "threshold": params.threshold if params.threshold is not None else bundle.postprocess.threshold,
         "min_dist": params.min_dist if params.min_dist is not None else bundle.postprocess.min_dist,
         "label_threshd": params.label_threshd if params.label_threshd is not None else bundle.postprocess.label_threshd,
-        "timings": {**{k: round(v, 3) for k, v in report.timings.items()}, "total": round(sum(report.timings.values()), 3)},
+        "timings": {**{k: round(v, 3) for k, v in timings.items()}, "total": round(sum(timings.values()), 3)},
     }
 
 
@@ -265,7 +270,9 @@ class _Run:
         self.bundle()
         self.stage = "fetching the image"
         mex.update("fetching image")
+        started = time.perf_counter()
         fetched = fetch_resource(bq, params.resource_url, workdir, source=self.args.source)
+        io_s = {"fetch": time.perf_counter() - started}
         mex.update("segmenting 0%")
         result, labels_path, table_path, voxel = self.segment(fetched.path, workdir, params, mex.progress("segmenting"))
         if voxel is None and fetched.kind == "image":
@@ -273,13 +280,14 @@ class _Run:
         write_cell_table_csv(table_path, cell_table(result.labels, voxel_size_um=voxel))
         self.stage = "uploading results"
         mex.update("uploading results")
-        folder = f"ModuleExecutions/{MODULE}"
+        folder, started = f"ModuleExecutions/{MODULE}", time.perf_counter()
         segmentation = upload_file(bq, labels_path, kind="image", name=f"{folder}/{labels_path.name}")
         try:
             table_uri = upload_file(bq, table_path, kind="table", name=f"{folder}/{table_path.name}")
         except BisqueError as exc:
             raise BisqueError(f"{exc}; the label image had been uploaded as {segmentation}") from exc
-        metadata = _metadata(result, params, self.bundle(), voxel)
+        io_s["upload"] = time.perf_counter() - started
+        metadata = _metadata(result, params, self.bundle(), voxel, io_s)
         self.stage = "finishing the MEX"
         mex.finish(outputs_tag(segmentation, table_uri, metadata))
         return {"Segmentation": segmentation, "Cell table": table_uri, "Metadata": metadata}

@@ -129,7 +129,7 @@ def test_full_run_finishes_with_outputs(image: Any, tiny_bundle: Bundle, tmp_pat
     assert (meta["threshold"], meta["min_dist"], meta["label_threshd"]) == ("0.05", "2", "3")
     assert meta["voxel_size_um"] == "2x0.5x0.5" and meta["image_shape"] == "12x24x28"
     timings = {t.get("name"): float(t.get("value", "nan")) for t in outputs["Metadata"].find("tag[@name='timings']")}
-    assert {"read", "infer", "postprocess", "total"} <= set(timings) and timings["total"] > 0
+    assert {"fetch", "read", "infer", "postprocess", "upload", "total"} <= set(timings) and timings["total"] > 0
 
     rows = list(csv.DictReader(io.StringIO(table_upload.data.decode())))
     assert len(rows) == int(meta["cell_count"])
