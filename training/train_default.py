@@ -1,0 +1,241 @@
+r"""Train the default boundary model shipped in ``engine/default_bundle`` (plain torch, CPU).
+
+Command (from the repository root; the one that made the shipped model)::
+
+    python -m training.train_default --checkpoint /tmp/cellseg3d_train/ckpt.pt --steps 1800
+
+Rerunning the same command resumes from ``--checkpoint`` if it exists (model, optimizer, step, data pool
+and random states are all in it). When the steps are done it writes the weights to
+``engine/default_bundle`` (``--bundle-out``); ``python -m training.tune_postprocess`` then tunes the
+post-processing defaults on validation volumes and records the figures in ``bundle.json``.
+
+Model: pytorch-3dunet ``UNet3D`` (layer order ``gcr``, f_maps 16 -> [16, 32, 64], 3 levels, GroupNorm 8
+groups), one output channel: the boundary (membrane) probability. Loss: BCE + soft Dice on that channel.
+Optimizer: AdamW, lr 2e-3 with 50 warm-up steps and cosine decay to 2 % of it, weight decay 1e-4. Batches of
+2 crops of 32x64x64 voxels, bf16 autocast and ``channels_last_3d`` on CPUs with native bf16.
+
+Data (``training/data.py``): a pool of 32 synthetic membrane volumes (48x128x128, cell diameter 11-17,
+voxel_scale 0.7-1.6, uint8 or uint16), one replaced by a fresh volume every 4 steps on average; crops
+are rotated/flipped and given random gain, offset, gamma and noise.
+
+Measured wall time: see ``training.wall_time_s`` in ``engine/default_bundle/bundle.json`` (2-core AMD EPYC
+Zen 4, shared with other jobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.backends.torch_backend import cpu_has_native_bf16
+from engine.bundle import DEFAULT_BUNDLE_DIR, Bundle, OutputSpec, PostprocessSpec, load_bundle, make_bundle
+from engine.models.unet3d import UNet3D
+
+from .data import NORMALIZATION, TRAIN_SEED_BASE, DataSettings, make_train_volume, sample_crop
+
+__all__ = ["ARCH_KWARGS", "TrainConfig", "build_parser", "main", "bundle_template", "train"]
+
+logger = logging.getLogger("training.train_default")
+
+ARCH_KWARGS = {
+    "in_channels": 1, "out_channels": 1, "final_sigmoid": True, "f_maps": 16, "num_levels": 3,
+    "layer_order": "gcr", "num_groups": 8,
+}
+OUTPUT = OutputSpec(kind="boundary", channel=0, names=("boundary",))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (stored in the checkpoint and in bundle.json)."""
+
+    steps: int = 1800
+    batch_size: int = 2
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup: int = 50
+    seed: int = 0
+    pool_size: int = 32
+    refresh_every: float = 4.0
+    bf16: bool = True
+    threads: int = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.train_default", description=__doc__.split("\n")[0])
+    defaults = TrainConfig()
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/cellseg3d_train/ckpt.pt"),
+                        help="resumed from if it exists, written every --save-every steps. Default: %(default)s")
+    parser.add_argument("--bundle-out", type=Path, default=DEFAULT_BUNDLE_DIR, help="Default: %(default)s")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="Default: %(default)s")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="Default: %(default)s")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="Default: %(default)s")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="Default: %(default)s")
+    parser.add_argument("--pool-size", type=int, default=defaults.pool_size, help="Default: %(default)s")
+    parser.add_argument("--no-bf16", action="store_true", help="train in fp32 even where the CPU has bf16")
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="Default: %(default)s")
+    parser.add_argument("--save-every", type=int, default=100, help="Default: %(default)s")
+    parser.add_argument("--log-every", type=int, default=25, help="Default: %(default)s")
+    return parser
+
+
+def _lr_at(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice on the boundary channel (both in fp32)."""
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits)
+    dice = 1.0 - (2.0 * (prob * target).sum() + 1.0) / (prob.sum() + target.sum() + 1.0)
+    return bce + dice
+
+
+def _save(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save_every: int, log_every: int) -> dict:
+    """Train (or resume) until ``config.steps``; returns the final checkpoint dict."""
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    bf16 = config.bf16 and cpu_has_native_bf16()
+    model = UNet3D(**{k: v for k, v in ARCH_KWARGS.items() if k not in ("in_channels", "out_channels")},
+                   in_channels=1, out_channels=1).to(memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    rng = np.random.default_rng(config.seed)
+    step, elapsed, losses = 0, 0.0, []
+    history: list[list[int]] = []
+    pool_seeds = [TRAIN_SEED_BASE + i for i in range(config.pool_size)]
+    next_seed = TRAIN_SEED_BASE + config.pool_size
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model_state_dict"])
+        optimizer.load_state_dict(state["optimizer_state_dict"])
+        step, elapsed, losses = state["step"], state["elapsed_s"], list(state["losses"])
+        pool_seeds, next_seed = list(state["pool_seeds"]), state["next_seed"]
+        rng.bit_generator.state = json.loads(state["numpy_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        history = list(state.get("history", [[0, json.loads(state["config"])["steps"]]]))
+        logger.info("%s: resumed at step %d (%.0f s trained)", checkpoint, step, elapsed)
+    history.append([step, config.steps])  # [first step, --steps] of each (re)started run
+    pool = [make_train_volume(s, settings) for s in pool_seeds]
+
+    def snapshot() -> dict:
+        return {
+            "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+            "step": step, "elapsed_s": elapsed, "losses": losses, "pool_seeds": pool_seeds,
+            "next_seed": next_seed, "numpy_rng": json.dumps(rng.bit_generator.state),
+            "torch_rng": torch.get_rng_state(), "config": json.dumps(dataclasses.asdict(config)),
+            "bf16": bf16, "history": history,
+        }
+
+    model.train()
+    started, window = time.perf_counter() - elapsed, []
+    while step < config.steps:
+        if rng.random() < 1.0 / config.refresh_every:
+            slot = int(rng.integers(0, len(pool)))
+            pool[slot], pool_seeds[slot] = make_train_volume(next_seed, settings), next_seed
+            next_seed += 1
+        crops = [sample_crop(pool[int(rng.integers(0, len(pool)))], rng, settings) for _ in range(config.batch_size)]
+        x = torch.from_numpy(np.stack([c[0] for c in crops])[:, None]).contiguous(memory_format=torch.channels_last_3d)
+        y = torch.from_numpy(np.stack([c[1] for c in crops])[:, None])
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model.forward_logits(x)
+        loss = _loss(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr or use --no-bf16")
+        window.append(loss.item())
+        step += 1
+        elapsed = time.perf_counter() - started
+        if step % log_every == 0 or step == config.steps:
+            losses.append([step, float(np.mean(window))])
+            logger.info("step %d/%d loss %.4f lr %.2e %.0f s", step, config.steps, np.mean(window), _lr_at(step - 1, config), elapsed)
+            window = []
+        if step % save_every == 0 or step == config.steps:
+            _save(checkpoint, snapshot())
+    return snapshot()
+
+
+def bundle_template(out: Path, *, training: dict, validation: dict | None = None,
+                    postprocess: PostprocessSpec | None = None,
+                    patch_shape: tuple[int, int, int] = (64, 128, 128), overlap: float = 0.25) -> Bundle:
+    """The default bundle's facts (weights come from the checkpoint)."""
+    return Bundle(
+        path=out,
+        name="cellseg3d-default-membrane",
+        description=("pytorch-3dunet UNet3D (gcr, f_maps 16, 3 levels) trained on the project's synthetic "
+                     "membrane-stained tissue (engine.synthetic); channel 0 = cell boundary probability"),
+        architecture="UNet3D",
+        arch_kwargs=dict(ARCH_KWARGS),
+        in_channels=1,
+        normalization=NORMALIZATION,
+        output=OUTPUT,
+        patch_shape=patch_shape,
+        overlap=overlap,
+        postprocess=postprocess or PostprocessSpec(method="watershed", threshold=0.5, min_dist=4, label_threshd=20),
+        voxel_size_um=None,
+        training=training,
+        validation=validation or {},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    args = build_parser().parse_args(argv)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         pool_size=args.pool_size, bf16=not args.no_bf16, threads=args.threads)
+    settings = DataSettings()
+    state = train(config, settings, args.checkpoint, save_every=args.save_every, log_every=args.log_every)
+    command = "python -m training.train_default " + " ".join(argv if argv is not None else sys.argv[1:])
+    training = {
+        "command": command.strip(),
+        "config": dataclasses.asdict(config),
+        "bf16_autocast": state["bf16"],
+        "data": {**dataclasses.asdict(settings), "generator": "engine.synthetic.make_membrane_volume",
+                 "train_seeds": f"{TRAIN_SEED_BASE}..{state['next_seed'] - 1}"},
+        "target": "boundary: voxels with a 6-neighbour of another cell (2-voxel ridge on every interface)",
+        "loss": "BCE + soft Dice",
+        "steps": state["step"],
+        "runs": [{"from_step": a, "steps_arg": b} for a, b in state["history"]],
+        "wall_time_s": round(state["elapsed_s"], 1),
+        "final_loss": state["losses"][-1][1] if state["losses"] else None,
+        "machine": "2-core AMD EPYC (Zen 4, AVX512-BF16), torch " + torch.__version__.split("+")[0] + " CPU",
+    }
+    old = None
+    if (args.bundle_out / "bundle.json").exists():
+        old = load_bundle(args.bundle_out)
+    template = bundle_template(args.bundle_out, training=training,
+                               validation=old.validation if old else None,
+                               postprocess=old.postprocess if old else None,
+                               patch_shape=old.patch_shape if old else (64, 128, 128),
+                               overlap=old.overlap if old else 0.25)
+    make_bundle(args.checkpoint, args.bundle_out, template=template)
+    logger.info("%s: bundle written (%d steps, %.0f s)", args.bundle_out, state["step"], state["elapsed_s"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+r"""Tune the default bundle's post-processing (and pick its patch shape) on validation volumes.
+
+Command (from the repository root, after ``python -m training.train_default``)::
+
+    python -m training.tune_postprocess [--bundle engine/default_bundle]
+
+The validation volumes (seeds 500-502, 48x160x160, voxel_scale 1, 0.75 and 1.5) are used by no training
+step and by no evaluation (``training/data.py``). The network runs once per volume, as ``engine.segment``
+runs it by default; then every ``threshold`` x ``min_dist`` of the grid is scored with
+``engine.postprocess.label_cells`` (criterion: mean of F1@0.5 and mean matched IoU, averaged over the
+volumes), and then ``label_threshd`` at the best pair. The patch shape is the fastest of a few candidates
+on a 64x256x256 volume. The chosen values and every figure go into ``bundle.json`` (``postprocess``,
+``patch_shape`` and ``validation``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.bundle import Bundle, PostprocessSpec, load_bundle, write_bundle_json
+from engine.metrics import match_instances
+from engine.pipeline import SegmentOptions, segment
+from engine.postprocess import label_cells
+from engine.synthetic import make_membrane_volume
+
+from .data import VALIDATION_SEEDS
+
+__all__ = ["THRESHOLDS", "MIN_DISTS", "LABEL_THRESHDS", "PATCH_CANDIDATES", "tune", "main"]
+
+logger = logging.getLogger("training.tune_postprocess")
+
+VALIDATION_SHAPE = (48, 160, 160)
+VALIDATION_SCALES = (1.0, 0.75, 1.5)
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+MIN_DISTS = (2, 3, 4, 5, 6, 8)
+LABEL_THRESHDS = (5, 20, 50, 100)
+PATCH_CANDIDATES = ((32, 128, 128), (64, 128, 128), (64, 256, 256))
+
+
+def _score(probs: list[np.ndarray], truths: list[np.ndarray], bundle: Bundle, spec: PostprocessSpec) -> dict[str, Any]:
+    per = [match_instances(label_cells(p, output=bundle.output, spec=spec), t) for p, t in zip(probs, truths)]
+    f1 = float(np.mean([s.f1 for s in per]))
+    iou = float(np.mean([s.mean_matched_iou for s in per]))
+    return {"f1": f1, "mean_matched_iou": iou, "objective": (f1 + iou) / 2,
+            "adapted_rand_error": float(np.mean([s.adapted_rand_error for s in per])),
+            "per_volume": [s.to_dict() for s in per]}
+
+
+def _patch_timings(bundle: Bundle) -> dict[str, float]:
+    volume = make_membrane_volume((64, 256, 256), seed=VALIDATION_SEEDS[0]).image
+    timings = {}
+    for patch in PATCH_CANDIDATES:
+        segment(volume[:16, :64, :64], bundle=bundle, options=SegmentOptions(patch_shape=(16, 64, 64)))  # warm-up
+        result = segment(volume, bundle=bundle, options=SegmentOptions(patch_shape=patch, min_dist=1000))
+        timings["x".join(map(str, patch))] = round(result.report.timings["infer"], 2)
+        logger.info("patch %s: inference %.2f s", patch, result.report.timings["infer"])
+    return timings
+
+
+def tune(bundle: Bundle, /, *, measure_patches: bool = True) -> tuple[PostprocessSpec, tuple[int, int, int], dict[str, Any]]:
+    """Best post-processing, patch shape and the validation record for ``bundle``."""
+    started = time.perf_counter()
+    volumes = [make_membrane_volume(VALIDATION_SHAPE, seed=s, voxel_scale=v) for s, v in zip(VALIDATION_SEEDS, VALIDATION_SCALES)]
+    probs = [segment(v.image, bundle=bundle).probabilities for v in volumes]
+    truths = [v.labels for v in volumes]
+    grid = []
+    for threshold, min_dist in itertools.product(THRESHOLDS, MIN_DISTS):
+        spec = dataclasses.replace(bundle.postprocess, method="watershed", threshold=threshold, min_dist=min_dist)
+        result = _score(probs, truths, bundle, spec)
+        grid.append({"threshold": threshold, "min_dist": min_dist, "f1": round(result["f1"], 4),
+                     "mean_matched_iou": round(result["mean_matched_iou"], 4)})
+        logger.info("threshold %.2f min_dist %d: F1 %.3f IoU %.3f", threshold, min_dist, result["f1"], result["mean_matched_iou"])
+    best = max(grid, key=lambda g: (g["f1"] + g["mean_matched_iou"], -g["min_dist"]))
+    specs = [dataclasses.replace(bundle.postprocess, method="watershed", threshold=best["threshold"],
+                                 min_dist=best["min_dist"], label_threshd=n) for n in LABEL_THRESHDS]
+    scored = [(_score(probs, truths, bundle, s), s) for s in specs]
+    best_result, best_spec = max(scored, key=lambda rs: (round(rs[0]["objective"], 4), rs[1].label_threshd))
+    patch = bundle.patch_shape
+    timings = _patch_timings(bundle) if measure_patches else {}
+    if timings:
+        fastest = min(timings, key=timings.__getitem__)
+        patch = tuple(int(v) for v in fastest.split("x"))  # type: ignore[assignment]
+    record = {
+        "command": "python -m training.tune_postprocess",
+        "volumes": [{"seed": s, "shape": list(VALIDATION_SHAPE), "voxel_scale": v} for s, v in zip(VALIDATION_SEEDS, VALIDATION_SCALES)],
+        "criterion": "mean over volumes of (F1@0.5 + mean matched IoU) / 2",
+        "grid": grid,
+        "label_threshd": {str(s.label_threshd): round(r["objective"], 4) for r, s in scored},
+        "chosen": dataclasses.asdict(best_spec),
+        "f1": round(best_result["f1"], 4),
+        "mean_matched_iou": round(best_result["mean_matched_iou"], 4),
+        "adapted_rand_error": round(best_result["adapted_rand_error"], 4),
+        "per_volume": best_result["per_volume"],
+        "patch_infer_s_64x256x256": timings,
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    return best_spec, patch, record  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    parser = argparse.ArgumentParser(prog="python -m training.tune_postprocess", description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", type=Path, default=None, help="bundle directory. Default: the shipped one")
+    parser.add_argument("--no-patch-timing", action="store_true", help="keep the bundle's patch shape")
+    args = parser.parse_args(argv)
+    bundle = load_bundle(args.bundle)
+    spec, patch, record = tune(bundle, measure_patches=not args.no_patch_timing)
+    write_bundle_json(dataclasses.replace(bundle, postprocess=spec, patch_shape=patch, validation=record))
+    logger.info("%s: postprocess %s, patch %s, F1 %.3f, IoU %.3f", bundle.path, spec, patch, record["f1"], record["mean_matched_iou"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
