@@ -102,7 +102,10 @@ def build_plan_for_bundle(
         profile = replace(profile, opt_batch=min(options.opt_batch, options.max_batch))
     onnx_path = bundle.path / FP16_FILE
     host = host_info(trt, can_build=True, device=device)
-    key = EngineKey(host.compute_capability, host.tensorrt_version, verify_onnx(bundle, onnx_path), profile, version_compatible=options.lean)
+    key = EngineKey(
+        compute_capability=host.compute_capability, tensorrt_version=host.tensorrt_version,
+        onnx_sha256=verify_onnx(bundle, onnx_path), profile=profile, version_compatible=options.lean,
+    )
     directory = engines_dir(bundle)
     with plan_lock(directory, key.stem()):
         started = time.perf_counter()

@@ -112,7 +112,9 @@ def _gate_input(bundle: Bundle, patch_shape: tuple[int, int, int]) -> np.ndarray
         from .. import synthetic
     except ImportError:
         rng = np.random.default_rng(0)
-        raw = torch.nn.functional.avg_pool3d(torch.from_numpy(rng.random((1, 1, *patch_shape), dtype=np.float32)), 5, 1, 2)[0].numpy()
+        raw = torch.nn.functional.avg_pool3d(
+            torch.from_numpy(rng.random((1, 1, *patch_shape), dtype=np.float32)), kernel_size=5, stride=1, padding=2
+        )[0].numpy()
     else:
         make = synthetic.make_membrane_volume if bundle.output.kind == "boundary" else synthetic.make_nuclei_volume
         z, y, x = (max(8, p) for p in patch_shape)
@@ -215,7 +217,10 @@ class TensorRTBackend(Backend):
         if max_batch < 1:
             raise BackendUnavailableError(f"{self.bundle.path}: one {patch_shape} patch has an activation of 2**31 elements or more; use a smaller patch")
         profile = default_profile(self.bundle, patch_shape, max_batch=max_batch)
-        key = EngineKey(self.host.compute_capability, self.host.tensorrt_version, self.onnx_sha, profile)
+        key = EngineKey(
+            compute_capability=self.host.compute_capability, tensorrt_version=self.host.tensorrt_version,
+            onnx_sha256=self.onnx_sha, profile=profile,
+        )
         with plan_lock(self.directory, key.stem()):
             record, _ = self._find(patch_shape)  # another process may have built it while we waited
             if record is not None and record.plan_path != avoid:
