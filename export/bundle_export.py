@@ -115,7 +115,7 @@ def export_bundle(bundle: Bundle, /, *, options: ExportOptions = ExportOptions()
         f"{errs['random']:.2e} (random) {errs['sample']:.2e} (sample)"
     )
 
-    record16 = convert_fp16(bundle, sample=sample)
+    record16 = convert_fp16(bundle, sample=sample, opset=options.opset)
     started = time.perf_counter()
     candidate = probabilities(bundle, sample, ort_cpu_runner(str(bundle.path / FP16_FILE)), device=torch.device("cpu"))
     gate: GateResult = compare(bundle, reference, candidate, sample=sample.source, started=started)

@@ -1,4 +1,4 @@
-"""``model.onnx`` -> ``model.fp16.onnx``: fp16 weights and activations, fp32 inputs/outputs, normalization in fp32.
+"""The traced model -> ``model.fp16.onnx``: fp16 weights and activations, fp32 inputs/outputs, normalization in fp32.
 
 Converter: ``onnxconverter_common.float16.convert_float_to_float16`` (Microsoft's ONNX converter toolkit,
 pure Python, runs on a CPU CI). NVIDIA ModelOpt's AutoCast is what TensorRT 11's migration guide names,
@@ -36,12 +36,12 @@ from onnx import TensorProto, helper
 from onnxconverter_common import __version__ as converter_version
 from onnxconverter_common import float16
 
-from engine.backends.engine_key import FP16_FILE, INPUT_NAME, ONNX_FILE, sha256_file
+from engine.backends.engine_key import FP16_FILE, INPUT_NAME, sha256_file
 from engine.bundle import Bundle
 
 from .errors import ExportError
 from .gate import Sample
-from .onnx_export import _annotate, check_and_serialize, write_model
+from .onnx_export import check_and_serialize, trace_model, write_model
 
 __all__ = ["NORMALIZATION_OPS", "OP_BLOCK_LIST", "OVERFLOW_LIMIT", "convert_fp16", "fp32_report", "overflow_nodes"]
 
@@ -185,33 +185,35 @@ def fp32_report(model: onnx.ModelProto, /) -> dict[str, Any]:
     }
 
 
-def convert_fp16(bundle: Bundle, /, *, sample: Sample) -> dict[str, Any]:
-    """Write ``<bundle>/model.fp16.onnx`` from ``model.onnx`` and return its record (without the gate).
+def convert_fp16(bundle: Bundle, /, *, sample: Sample, opset: int) -> dict[str, Any]:
+    """Write ``<bundle>/model.fp16.onnx`` and return its record (without the gate).
+
+    The source is the model traced again at ``opset`` (the graph ``model.onnx`` holds before its
+    normalization rewrite): InstanceNormalization stays one op, which TensorRT runs as its own
+    normalization kernel, in fp32 here.
 
     Raises:
         ExportError: the converted graph fails the checker or :func:`fp32_report`; nothing is written.
     """
     started = time.perf_counter()
-    source = bundle.path / ONNX_FILE
     path = bundle.path / FP16_FILE
-    model = onnx.load(str(source))
+    _, model = trace_model(bundle, opset=opset, precision="fp16")
     _drop_identities(model)
     hot, largest = overflow_nodes(model, sample, divisor=bundle.divisor, limit=OVERFLOW_LIMIT)
     if hot:
-        logger.warning("%s: %d node(s) exceed %g on the sample and stay fp32: %s", source, len(hot), OVERFLOW_LIMIT, ", ".join(hot[:8]))
+        logger.warning("%s: %d node(s) exceed %g on the sample and stay fp32: %s", path, len(hot), OVERFLOW_LIMIT, ", ".join(hot[:8]))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         converted = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=OP_BLOCK_LIST, node_block_list=hot)
     if caught:  # "the float32 number 1e-08 will be truncated to 1e-07": weights below fp16's useful range
-        logger.info("%s: converter clamped %d tiny constant(s) (e.g. %s)", source, len(caught), str(caught[0].message))
+        logger.info("%s: converter clamped %d tiny constant(s) (e.g. %s)", path, len(caught), str(caught[0].message))
     _restore_fp32_outputs(converted)
     model_sha = sha256_file(bundle.weights_path)
-    _annotate(converted, bundle, model_sha256=model_sha, precision="fp16")
     data = check_and_serialize(converted, path)
     report = fp32_report(converted)
     sha = write_model(path, data)
     return {
-        "file": FP16_FILE, "sha256": sha, "model_sha256": model_sha, "source_sha256": sha256_file(source),
+        "file": FP16_FILE, "sha256": sha, "model_sha256": model_sha, "source": f"torch trace, opset {opset}",
         "bytes": len(data), "converter": f"onnxconverter-common {converter_version} convert_float_to_float16(keep_io_types=True)",
         "op_block_list_extra": [op for op in OP_BLOCK_LIST if op not in float16.DEFAULT_OP_BLOCK_LIST],
         "fp32_nodes_overflow": hot, "max_abs_activation": largest, "overflow_limit": OVERFLOW_LIMIT, **report,

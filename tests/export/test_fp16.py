@@ -16,6 +16,7 @@ from export import fp16
 from export.errors import ExportError
 from export.fp16 import _elem_types, _restore_fp32_outputs, convert_fp16, fp32_report, overflow_nodes
 from export.gate import compare, dice, load_sample
+from export.onnx_export import trace_model
 
 
 def test_normalization_and_its_statistics_stay_fp32(exported: Bundle) -> None:
@@ -71,20 +72,20 @@ def test_graph_output_left_fp16_is_restored_to_fp32() -> None:
 
 @pytest.mark.filterwarnings("ignore:the float32 number")
 def test_fp32_report_refuses_fp16_normalization(exported: Bundle) -> None:
-    model = onnx.load(str(exported.path / "model.onnx"))
+    _, model = trace_model(exported, opset=18, precision="fp32")
     bad = float16.convert_float_to_float16(model, keep_io_types=True)  # nothing blocked: InstanceNorm in fp16
     with pytest.raises(ExportError, match="must stay fp32"):
         fp32_report(bad)
 
 
 def test_nodes_that_would_overflow_stay_fp32(exported_copy: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = onnx.load(str(exported_copy.path / "model.onnx"))
+    _, model = trace_model(exported_copy, opset=18, precision="fp32")
     sample = load_sample(exported_copy)
     hot, largest = overflow_nodes(model, sample, divisor=exported_copy.divisor, limit=1.0)
     assert hot and largest > 1.0
     assert set(hot) <= {n.name for n in model.graph.node}
     monkeypatch.setattr(fp16, "OVERFLOW_LIMIT", 1.0)
-    record = convert_fp16(exported_copy, sample=sample)
+    record = convert_fp16(exported_copy, sample=sample, opset=18)
     converted = onnx.load(str(exported_copy.path / "model.fp16.onnx"))
     types = _elem_types(converted)
     kept = [n for n in converted.graph.node if n.name in set(record["fp32_nodes_overflow"])]

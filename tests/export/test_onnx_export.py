@@ -102,3 +102,34 @@ def test_export_of_the_shipped_default_bundle(tmp_path: Path) -> None:
     assert max(exported.export["onnx"]["max_abs_err"].values()) <= MAX_ABS_ERR
     gate = exported.export["fp16"]["gate"]
     assert gate["passed"] and gate["dice"] >= 0.99
+
+
+def test_model_onnx_computes_normalization_with_staged_reductions(exported: Bundle) -> None:
+    from export.normalization import TAG
+
+    model = onnx.load(str(exported.path / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert "InstanceNormalization" not in ops
+    reductions = [n for n in model.graph.node if n.op_type == "ReduceMean"]
+    assert reductions and all(TAG in n.name for n in reductions)
+    assert all(len(onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == n.input[1]))) == 1 for n in reductions)
+
+
+def test_staged_normalization_is_exact_where_instance_norm_is_not() -> None:
+    """ONNX Runtime's InstanceNormalization sums a whole group in one fp32 accumulator; the rewrite does not."""
+    from export.normalization import stabilize_normalization
+    from export.onnx_export import _trace
+
+    norm = torch.nn.GroupNorm(4, 8).eval()
+    x = torch.randn((1, 8, 32, 64, 64), generator=torch.Generator().manual_seed(0)) * 0.5 + 20.0
+    plain = _trace(norm, x, 18)
+    staged = onnx.ModelProto()
+    staged.CopyFrom(plain)
+    assert stabilize_normalization(staged) == 1
+    with torch.no_grad():
+        exact = norm.double()(x.double()).numpy()
+    errors = {}
+    for name, proto in (("plain", plain), ("staged", staged)):
+        (y,) = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})
+        errors[name] = float(np.abs(y - exact).max())
+    assert errors["staged"] < 2e-5 < errors["plain"], errors
