@@ -126,7 +126,11 @@ def export_bundle(bundle: Bundle, /, *, options: ExportOptions = ExportOptions()
         summary.ok = False
         logger.warning("%s: fp16 accuracy gate failed; backends run this bundle in fp32", bundle.path / FP16_FILE)
 
-    if options.tensorrt:
+    if not options.tensorrt or not gate.passed:
+        reason = "--no-trt given" if not options.tensorrt else "the fp16 ONNX failed its accuracy gate"
+        bundle = _record(bundle, "tensorrt", {"skipped": reason})  # no stale record of an earlier export
+        summary.lines.append(f"TensorRT plan: skipped ({reason})")
+    else:
         from .tensorrt_build import TrtBuildOptions, build_plan_for_bundle
 
         trt_options = TrtBuildOptions(max_batch=options.max_batch, lean=options.lean, workspace_gib=options.workspace_gib)

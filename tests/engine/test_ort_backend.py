@@ -86,7 +86,7 @@ def test_missing_onnx_names_the_file_and_the_fix(tmp_path: Path) -> None:
         select_backend("ort-cpu", bundle)
 
 
-def test_auto_skips_ort_cpu_without_onnx_but_explicit_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_reports_why_ort_cpu_was_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from engine.backends import _REGISTRY
 
     bundle = make_tiny_bundle("UNet3D", tmp_path / "plain")

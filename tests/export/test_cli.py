@@ -25,7 +25,7 @@ def test_export_cli_writes_both_onnx_files_and_records(tmp_path: Path, capsys: p
     out = capsys.readouterr().out
     assert "model.onnx: fp32, opset 18" in out and "model.fp16.onnx: fp16" in out and "gate passed" in out
     doc = json.loads((bundle.path / "bundle.json").read_text())
-    assert set(doc["export"]) == {"onnx", "fp16"}
+    assert set(doc["export"]) == {"onnx", "fp16", "tensorrt"} and doc["export"]["tensorrt"] == {"skipped": "--no-trt given"}
     load_bundle(bundle.path)  # still a valid bundle
 
 
