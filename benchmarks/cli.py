@@ -36,6 +36,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", default="", help="comma-separated substrings: run only methods whose name contains one")
     p.add_argument("--model", choices=("default", "reference"), default="default",
                    help="default: the shipped bundle when installed (else the reference); reference: the issue's random UNet3D f_maps 16, 4 levels")
+    p.add_argument("--bundle", type=Path, default=None, help="benchmark this bundle directory instead of --model")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     config = SuiteConfig(
         sizes=sizes, gpu=args.gpu, repeats=args.repeats or (3 if args.gpu else 1),
         only=tuple(s for s in args.only.split(",") if s), prefer_default_bundle=args.model == "default",
-        slab_voxels=2**25 if args.gpu else 2**23,
+        slab_voxels=2**25 if args.gpu else 2**23, bundle_dir=args.bundle,
     )
     doc = run_suite(config, args.out, progress=lambda line: print(line, file=sys.stderr, flush=True))
     paths = write_report(doc, args.out)

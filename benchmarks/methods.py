@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,8 +72,9 @@ class Context:
         flops_per_voxel: network FLOPs per input voxel.
         peaks: measured matmul GFLOP/s per precision on ``device``.
         out_dir: where label TIFFs are written.
-        repeats: timed repetitions (the best is kept); GPU runs also get one untimed warm-up.
+        repeats: timed repetitions (the best is kept).
         slab_voxels: the voxel budget of a slab patch.
+        warmup: run each end-to-end method once untimed first (cuDNN autotuning, TensorRT plans, allocator).
     """
 
     bundle: Bundle
@@ -83,7 +84,7 @@ class Context:
     out_dir: Path
     repeats: int = 1
     slab_voxels: int = 2**23
-    reference_probs: dict[str, NDArray[np.float32]] = field(default_factory=dict)
+    warmup: bool = False
 
 
 def default_methods(*, gpu: bool) -> list[Method]:
@@ -201,7 +202,8 @@ def _model_alone(method: Method, case: Case, ctx: Context) -> dict[str, Any]:
         batch = torch.randn((batch_size, bundle.in_channels, *patch), generator=gen).to(backend.device)
         best: TimedNetwork | None = None
         warmups = 1 if backend.device.type == "cuda" or ctx.repeats > 1 else 0
-        for i in range(warmups + ctx.repeats):
+        repeats = max(ctx.repeats, 5) if backend.device.type == "cuda" else ctx.repeats
+        for i in range(warmups + repeats):
             net = TimedNetwork(backend.run, backend.device)
             net(batch)
             if i >= warmups and (best is None or net.seconds < best.seconds):
@@ -290,8 +292,8 @@ def run_method(method: Method, case: Case, ctx: Context, /) -> dict[str, Any]:
         return _record(method, case, ctx, skipped=reason)
     runner = {"engine": _engine_e2e, "model": _model_alone, "peer": _peer_e2e}[method.kind]
     try:
-        if method.kind != "model" and ctx.device.type == "cuda":
-            runner(method, case, ctx)  # warm-up: cuDNN autotuning, engine builds, allocator
+        if method.kind != "model" and ctx.warmup:
+            runner(method, case, ctx)
         best: dict[str, Any] | None = None
         for _ in range(1 if method.kind == "model" else ctx.repeats):
             rec = runner(method, case, ctx)

@@ -25,7 +25,7 @@ from engine.postprocess import label_cells
 
 from .cases import SIZES, bench_bundle, make_case, reference_probabilities, scratch_dir
 from .measure import flops_per_voxel, machine_peak
-from .methods import Context, Method, default_methods, run_method
+from .methods import Context, default_methods, run_method
 
 __all__ = ["SuiteConfig", "run_suite", "machine_info"]
 
@@ -44,6 +44,11 @@ class SuiteConfig:
         prefer_default_bundle: benchmark ``engine/default_bundle`` when it is installed.
         slab_voxels: voxel budget of the engine's ``slab-patch`` rows.
         shapes: optional ``size -> (Z, Y, X)`` overrides.
+        size_only: optional ``size -> substrings``: on that size only the matching methods run.
+        bundle_dir: benchmark this bundle instead (overrides ``prefer_default_bundle``).
+        deadline_s: methods that would start after this many seconds are skipped (with that reason).
+        warmup_first_size: on CUDA, one untimed end-to-end run per method on the first size.
+        reference_cells_max_voxels: count the reference's cells (a post-processing run) up to this size.
     """
 
     sizes: Sequence[str] = ("small",)
@@ -53,6 +58,11 @@ class SuiteConfig:
     prefer_default_bundle: bool = True
     slab_voxels: int = 2**23
     shapes: dict[str, tuple[int, int, int]] | None = None
+    size_only: dict[str, Sequence[str]] | None = None
+    bundle_dir: Path | None = None
+    deadline_s: float | None = None
+    warmup_first_size: bool = True
+    reference_cells_max_voxels: int = 2**25
 
 
 def _cpu_model() -> str:
@@ -127,7 +137,12 @@ def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str]
     (out_dir / "labels").mkdir(exist_ok=True)
     work = scratch_dir()
     try:
-        bundle, origin = bench_bundle(work, prefer_default=config.prefer_default_bundle)
+        if config.bundle_dir is not None:
+            from engine.bundle import load_bundle
+
+            bundle, origin = load_bundle(config.bundle_dir), f"bundle {config.bundle_dir}"
+        else:
+            bundle, origin = bench_bundle(work, prefer_default=config.prefer_default_bundle)
         if bundle.path.resolve() != (work / "bench_bundle").resolve():
             shutil.copytree(bundle.path, work / "bench_bundle", ignore=shutil.ignore_patterns("engines"))
             from engine.bundle import load_bundle
@@ -156,16 +171,26 @@ def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str]
         say(f"bundle: {origin}; {fpv / 1e3:.1f} kFLOP/voxel; peak GFLOP/s {', '.join(f'{k} {v:.0f}' for k, v in peaks.items())}")
         ctx = Context(bundle=bundle, device=device, flops_per_voxel=fpv, peaks=peaks, out_dir=out_dir / "labels",
                       repeats=config.repeats, slab_voxels=config.slab_voxels)
-        for size in config.sizes:
+        started = time.perf_counter()
+        for index, size in enumerate(config.sizes):
             shape = (config.shapes or {}).get(size) or SIZES[size]
             case = make_case(size, work, shape=shape)
             probs = reference_probabilities(case, bundle, device=device)
-            case.notes["reference_cells"] = int(label_cells(probs, output=bundle.output, spec=bundle.postprocess).max())
+            if case.voxels <= config.reference_cells_max_voxels:
+                case.notes["reference_cells"] = int(label_cells(probs, output=bundle.output, spec=bundle.postprocess).max())
             del probs
+            ctx.warmup = config.gpu and config.warmup_first_size and index == 0
+            wanted = (config.size_only or {}).get(size)
             doc["cases"].append({"size": size, "shape": list(case.shape), "voxels": case.voxels, **case.notes})
             say(f"{size} {'x'.join(map(str, case.shape))}: reference {case.notes['reference']} in {case.notes['reference_seconds']:.1f} s")
             for method in methods:
-                rec = run_method(method, case, ctx)
+                if wanted is not None and not any(w in method.name for w in wanted):
+                    continue
+                if config.deadline_s is not None and time.perf_counter() - started > config.deadline_s:
+                    rec = {"method": method.name, "kind": method.kind, "backend": method.backend, "precision": method.precision,
+                           "size": size, "shape": list(case.shape), "skipped": f"time budget of {config.deadline_s:.0f} s spent"}
+                else:
+                    rec = run_method(method, case, ctx)
                 rec["loadavg"] = list(os.getloadavg())
                 doc["results"].append(rec)
                 _write(doc, out_dir / "results.json")
