@@ -108,6 +108,7 @@ class Case:
         shape: ``(Z, Y, X)``.
         tiff: the volume on disk (ImageJ uint16, 1 um voxels), input of every end-to-end run.
         image: the same volume in memory ``(Z, Y, X)`` uint16.
+        truth: the generator's ground-truth cell labels ``(Z, Y, X)`` uint32.
         reference_mask: foreground mask of the fp32 reference, ``(Z, Y, X)`` bool (set by
             :func:`reference_probabilities`).
         reference_labels: the reference's labels after the engine's post-processing.
@@ -118,6 +119,7 @@ class Case:
     shape: tuple[int, int, int]
     tiff: Path
     image: NDArray[np.uint16]
+    truth: NDArray[np.uint32] | None = None
     reference_mask: NDArray[np.bool_] | None = None
     reference_labels: NDArray[np.uint32] | None = None
     notes: dict[str, object] = field(default_factory=dict)
@@ -133,7 +135,7 @@ def make_case(size: str, work_dir: Path, /, *, shape: tuple[int, int, int] | Non
     volume = make_membrane_volume(shape, seed=REFERENCE_SEED)
     path = work_dir / f"{size}.tif"
     tifffile.imwrite(path, volume.image, imagej=True, metadata={"axes": "ZYX", "spacing": 1.0, "unit": "um"}, resolution=(1.0, 1.0))
-    return Case(size=size, shape=shape, tiff=path, image=volume.image)
+    return Case(size=size, shape=shape, tiff=path, image=volume.image, truth=volume.labels)
 
 
 def largest_patch(shape: tuple[int, ...], divisor: int, /, *, max_voxels: int) -> tuple[int, int, int]:

@@ -25,6 +25,7 @@ from engine.backends import Backend, BackendOptions, backend_class, select_backe
 from engine.bundle import Bundle
 from engine.errors import CellSegError
 from engine.io import read_volume, write_labels
+from engine.metrics import match_instances
 from engine.normalize import normalize
 from engine.pipeline import SegmentOptions, segment
 from engine.postprocess import label_cells
@@ -75,6 +76,7 @@ class Context:
         repeats: timed repetitions (the best is kept).
         slab_voxels: the voxel budget of a slab patch.
         warmup: run each end-to-end method once untimed first (cuDNN autotuning, TensorRT plans, allocator).
+        score_truth: score each run's labels against the generator's ground truth (F1 at IoU 0.5), untimed.
     """
 
     bundle: Bundle
@@ -85,6 +87,7 @@ class Context:
     repeats: int = 1
     slab_voxels: int = 2**23
     warmup: bool = False
+    score_truth: bool = True
 
 
 def default_methods(*, gpu: bool) -> list[Method]:
@@ -149,7 +152,10 @@ def _record(method: Method, case: Case, ctx: Context, **fields: Any) -> dict[str
     }
 
 
-def _finish(rec: dict[str, Any], case: Case, ctx: Context, net: TimedNetwork, seconds: float, probs: NDArray[np.float32] | None) -> dict[str, Any]:
+def _finish(
+    rec: dict[str, Any], case: Case, ctx: Context, net: TimedNetwork, seconds: float, probs: NDArray[np.float32] | None,
+    labels: NDArray[np.uint32] | None = None,
+) -> dict[str, Any]:
     flops = ctx.flops_per_voxel * net.voxels
     gflops = flops / net.seconds / 1e9 if net.seconds > 0 else 0.0
     peak = ctx.peaks.get(rec["precision"]) or 0.0
@@ -167,6 +173,9 @@ def _finish(rec: dict[str, Any], case: Case, ctx: Context, net: TimedNetwork, se
     )
     if probs is not None and case.reference_mask is not None:
         rec["dice"] = mask_dice(probs, case.reference_mask, ctx.bundle)
+    if labels is not None and case.truth is not None and ctx.score_truth:
+        scores = match_instances(labels, case.truth, iou_threshold=0.5)
+        rec["f1_truth"], rec["iou_truth"] = scores.f1, scores.mean_matched_iou
     return rec
 
 
@@ -190,7 +199,7 @@ def _engine_e2e(method: Method, case: Case, ctx: Context) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     report = result.report
     rec = _record(method, case, ctx, patch=list(report.patch_shape), batch=report.batch_size, overlap=bundle.overlap, n_patches=report.n_patches, timings=timings, n_cells=report.n_cells, device=report.device)
-    return _finish(rec, case, ctx, backend.net, seconds, result.probabilities)
+    return _finish(rec, case, ctx, backend.net, seconds, result.probabilities, result.labels)
 
 
 def _model_alone(method: Method, case: Case, ctx: Context) -> dict[str, Any]:
@@ -263,7 +272,7 @@ def _peer_e2e(method: Method, case: Case, ctx: Context) -> dict[str, Any]:
         close()
     seconds = time.perf_counter() - start
     rec = _record(method, case, ctx, timings=timings, n_cells=int(labels.max()), device=str(ctx.device), **extra)
-    return _finish(rec, case, ctx, net, seconds, probs)
+    return _finish(rec, case, ctx, net, seconds, probs, labels)
 
 
 def unavailable_reason(method: Method) -> str | None:

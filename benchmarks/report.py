@@ -80,30 +80,32 @@ def markdown(doc: dict[str, Any], /) -> str:
     sizes = list(dict.fromkeys(r["size"] for r in results))
     cases = {c["size"]: c for c in doc.get("cases", [])}
     header = ("| method | s | Mvox/s | x MONAI fp32 | net voxels / stack | GFLOP/s | % of peak | Dice vs fp32 ref | cells "
-              "| patch | stages (s) |")
+              "| F1 vs truth | patch | stages (s) |")
     for size in sizes:
         rows = [r for r in results if r["size"] == size]
         shape = "x".join(map(str, rows[0].get("shape", [])))
         lines += ["", f"### {size} ({shape})", ""]
         if size in cases:
             c = cases[size]
-            lines += [f"Reference: {c.get('reference')} ({c.get('reference_seconds', 0):.1f} s, {c.get('reference_cells', '?')} cells).", ""]
+            f1 = f", F1 vs truth {c['reference_f1_truth']:.3f}" if c.get("reference_f1_truth") is not None else ""
+            lines += [f"Reference: {c.get('reference')} ({c.get('reference_seconds', 0):.1f} s, {c.get('reference_cells', '?')} cells{f1}).", ""]
         lines += [header, "|" + "---|" * (header.count("|") - 1)]
         for r in rows:
             if "skipped" in r:
-                lines.append(f"| {r['method']} | skipped: {str(r['skipped']).replace('|', '/')[:160]} |" + " |" * 9)
+                lines.append(f"| {r['method']} | skipped: {str(r['skipped']).replace('|', '/')[:160]} |" + " |" * 10)
                 continue
             stages = " ".join(f"{k} {v:.2f}" for k, v in (r.get("timings") or {}).items())
             pct = _fmt(r.get("peak_fraction"), ".0f", 100.0)
             lines.append(
                 f"| {r['method']} | {r['seconds']:.2f} | {r['voxels_per_s'] / 1e6:.2f} | {_fmt(speed.get((size, r['method'])), '.1f')} "
                 f"| {_fmt(r.get('overlap_factor'), '.2f')} | {_fmt(r.get('gflops'), '.0f')} | {pct} | {_fmt(r.get('dice'), '.4f')} "
-                f"| {r.get('n_cells', '-')} | {'x'.join(map(str, r.get('patch') or [])) or '-'} | {stages} |"
+                f"| {r.get('n_cells', '-')} | {_fmt(r.get('f1_truth'), '.3f')} | {'x'.join(map(str, r.get('patch') or [])) or '-'} | {stages} |"
             )
     lines += ["", "Rows: `engine` = TIFF in -> labels TIFF out through this engine; `model` = the network alone on one batch "
               "(voxels/s of network input); peers get the engine's reading, normalization, post-processing and writing around "
               "their own inference. `net voxels / stack` = voxels pushed through the network / voxels in the stack (overlap cost). "
-              "Dice = foreground mask (interior > threshold) vs the fp32 reference."]
+              "Dice = foreground mask (interior > threshold) vs the fp32 reference; F1 vs truth = cells matched at IoU > 0.5 "
+              "against the synthetic volume's ground truth (meaningful for a trained model only)."]
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,7 @@ import torch
 
 from engine.backends.torch_backend import cpu_has_native_bf16, default_threads
 from engine.errors import CellSegError
+from engine.metrics import match_instances
 from engine.postprocess import label_cells
 
 from .cases import SIZES, bench_bundle, make_case, reference_probabilities, scratch_dir
@@ -177,7 +178,11 @@ def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str]
             case = make_case(size, work, shape=shape)
             probs = reference_probabilities(case, bundle, device=device)
             if case.voxels <= config.reference_cells_max_voxels:
-                case.notes["reference_cells"] = int(label_cells(probs, output=bundle.output, spec=bundle.postprocess).max())
+                ref_labels = label_cells(probs, output=bundle.output, spec=bundle.postprocess)
+                case.notes["reference_cells"] = int(ref_labels.max())
+                if case.truth is not None:
+                    case.notes["reference_f1_truth"] = match_instances(ref_labels, case.truth, iou_threshold=0.5).f1
+                del ref_labels
             del probs
             ctx.warmup = config.gpu and config.warmup_first_size and index == 0
             wanted = (config.size_only or {}).get(size)
