@@ -121,7 +121,8 @@ def export_bundle(bundle: Bundle, /, *, options: ExportOptions = ExportOptions()
     gate: GateResult = compare(bundle, reference, candidate, sample=sample.source, started=started)
     record16["gate"] = {**gate.to_json(), "runtime": f"onnxruntime {ort.__version__} CPU"}
     bundle = _record(bundle, "fp16", record16)
-    summary.lines.append(f"{bundle.path / FP16_FILE}: fp16 ({record16['normalization_nodes_fp32']} normalization nodes fp32), {gate.summary()}")
+    norms = record16["normalization_nodes_fp32"]
+    summary.lines.append(f"{bundle.path / FP16_FILE}: fp16 ({norms} normalization nodes fp32), {gate.summary()}")
     if not gate.passed:
         summary.ok = False
         logger.warning("%s: fp16 accuracy gate failed; backends run this bundle in fp32", bundle.path / FP16_FILE)

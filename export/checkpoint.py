@@ -44,7 +44,9 @@ def infer_architecture(state: dict[str, torch.Tensor], /, *, where: Path) -> tup
     """
     if "conv3d_c1_1.weight" in state and "conv3d_l4.weight" in state:
         first = state["conv3d_c1_1.weight"]
-        kwargs: dict[str, Any] = {"in_channels": int(first.shape[1]), "n_classes": int(state["conv3d_l4.weight"].shape[0]), "base_n_filter": int(first.shape[0])}
+        kwargs: dict[str, Any] = {
+            "in_channels": int(first.shape[1]), "n_classes": int(state["conv3d_l4.weight"].shape[0]), "base_n_filter": int(first.shape[0]),
+        }
         return "Modified3DUNet", kwargs, []
     if "encoders.0.basic_module.SingleConv1.conv.weight" in state and "final_conv.weight" in state:
         levels = sorted({int(k.split(".")[1]) for k in state if k.startswith("encoders.")})

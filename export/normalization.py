@@ -15,6 +15,8 @@ normalization kernel there, in fp32).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -36,7 +38,7 @@ class _Graph:
         self.graph.initializer.append(numpy_helper.from_array(value, full))
         return full
 
-    def op(self, op_type: str, inputs: list[str], name: str, output: str | None = None, **attrs: object) -> str:
+    def op(self, op_type: str, inputs: list[str], name: str, output: str | None = None, **attrs: Any) -> str:
         out = output or f"{self.prefix}{name}"
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=f"{self.prefix}{name}", **attrs))
         return out
@@ -58,10 +60,14 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     graph = onnx.shape_inference.infer_shapes(model).graph
-    return {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.input, *graph.value_info, *graph.output) if v.type.tensor_type.HasField("shape")}
+    values = (*graph.input, *graph.value_info, *graph.output)
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
 
 
-def _rewrite(node: onnx.NodeProto, g: _Graph, producers: dict[str, onnx.NodeProto], ranks: dict[str, int], consts: dict[str, np.ndarray]) -> bool:
+def _rewrite(
+    node: onnx.NodeProto, g: _Graph, producers: dict[str, onnx.NodeProto], ranks: dict[str, int], consts: dict[str, np.ndarray]
+) -> bool:
+    """Add the staged-reduction nodes for one InstanceNormalization to ``g``; False when it cannot (left as is)."""
     x, scale, bias = node.input
     eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
     s, b = consts.get(scale), consts.get(bias)
@@ -69,7 +75,7 @@ def _rewrite(node: onnx.NodeProto, g: _Graph, producers: dict[str, onnx.NodeProt
         return False
     source = producers.get(x)
     grouped = source is not None and source.op_type == "Reshape" and ranks.get(source.input[0]) == 5 and ranks[x] == 3
-    if grouped:  # GroupNorm lowering: take the statistics on (N, G, C/G * Z, Y, X) of the 5D input
+    if grouped and source is not None:  # GroupNorm lowering: take the statistics on (N, G, C/G * Z, Y, X) of the 5D input
         view = g.const("group_shape", np.array([0, len(s), -1, 0, 0], np.int64))
         t, rank = g.op("Reshape", [source.input[0], view], "group_view"), 5
     else:

@@ -185,6 +185,7 @@ def export_onnx(
         "dynamic_axes": {INPUT_NAME: list(_DYNAMIC.values()), OUTPUT_NAME: list(_DYNAMIC.values())},
         "max_abs_err": errors, "tolerance": MAX_ABS_ERR, "sample": sample.source,
         "normalization": f"{rewritten} InstanceNormalization node(s) computed with per-axis fp32 reductions (export/normalization.py)",
-        "exporter": f"torch {torch.__version__} (TorchScript exporter)", "checked_with": f"onnx {onnx.__version__}, onnxruntime {ort.__version__} CPU",
+        "exporter": f"torch {torch.__version__} (TorchScript exporter)",
+        "checked_with": f"onnx {onnx.__version__}, onnxruntime {ort.__version__} CPU",
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -127,7 +127,8 @@ class Profile:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ValueError(f"profile batches must satisfy 1 <= min <= opt <= max, got {self.min_batch}, {self.opt_batch}, {self.max_batch}")
+            got = f"{self.min_batch}, {self.opt_batch}, {self.max_batch}"
+            raise ValueError(f"profile batches must satisfy 1 <= min <= opt <= max, got {got}")
         if any(lo < 1 or lo > hi for lo, hi in zip(self.min_spatial, self.patch_shape)):
             raise ValueError(f"profile spatial range {self.min_spatial}..{self.patch_shape} is empty")
 

@@ -63,7 +63,9 @@ def _session(ort: ModuleType, path: Path, bundle: Bundle, *, providers: list[Any
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail, ...) for a bad file
-        raise BundleError(f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc}); re-run 'cellseg3d export {bundle.path}'") from exc
+        raise BundleError(
+            f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc}); re-run 'cellseg3d export {bundle.path}'"
+        ) from exc
     inputs, outputs = session.get_inputs(), session.get_outputs()
     n_out = len(bundle.output.names)
     ok = (
@@ -192,8 +194,11 @@ class OrtGPUBackend(Backend):
         out = torch.empty((n, self.out_channels, z, y, xs), dtype=torch.float32, device=self.device)
         index = self.device.index or 0
         binding = self.session.io_binding()
-        binding.bind_input(name=INPUT_NAME, device_type="cuda", device_id=index, element_type=np.float32, shape=tuple(x.shape), buffer_ptr=x.data_ptr())
-        binding.bind_output(name=OUTPUT_NAME, device_type="cuda", device_id=index, element_type=np.float32, shape=tuple(out.shape), buffer_ptr=out.data_ptr())
+        for bind, name, tensor in ((binding.bind_input, INPUT_NAME, x), (binding.bind_output, OUTPUT_NAME, out)):
+            bind(
+                name=name, device_type="cuda", device_id=index, element_type=np.float32,
+                shape=tuple(tensor.shape), buffer_ptr=tensor.data_ptr(),
+            )
         torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream: the input must be ready
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()

@@ -36,7 +36,7 @@ from .engine_key import (
 )
 from .trt_build import BuildSettings, build_serialized_plan, host_info, import_tensorrt, max_batch_for, timing_cache_path
 
-__all__ = ["GATE_MIN_DICE", "TensorRTBackend", "TrtEngine", "default_profile"]
+__all__ = ["GATE_MIN_DICE", "TensorRTBackend", "TrtEngine", "default_profile", "quick_gate"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,9 @@ class TrtEngine:
         with torch.cuda.device(device):
             self.engine = self._runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
-            raise BackendUnavailableError(f"{where}: TensorRT {trt.__version__} cannot deserialize this plan (see its log); delete it to rebuild")
+            raise BackendUnavailableError(
+                f"{where}: TensorRT {trt.__version__} cannot deserialize this plan (see its log); delete it to rebuild"
+            )
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         types = {n: self.engine.get_tensor_dtype(n) for n in names}
         if names != {INPUT_NAME, OUTPUT_NAME} or any(t != trt.DataType.FLOAT for t in types.values()):
@@ -100,9 +102,9 @@ class TrtEngine:
 def default_profile(bundle: Bundle, patch_shape: tuple[int, int, int], /, *, max_batch: int) -> Profile:
     """Batch 1..min(4, max)..max, spatial from the network's divisor up to ``patch_shape``."""
     d = bundle.divisor
+    z, y, x = (min(d, side) for side in patch_shape)
     return Profile(
-        channels=bundle.in_channels, patch_shape=patch_shape, min_spatial=(min(d, patch_shape[0]), min(d, patch_shape[1]), min(d, patch_shape[2])),
-        opt_batch=min(4, max_batch), max_batch=max_batch,
+        channels=bundle.in_channels, patch_shape=patch_shape, min_spatial=(z, y, x), opt_batch=min(4, max_batch), max_batch=max_batch,
     )
 
 
@@ -164,7 +166,9 @@ class TensorRTBackend(Backend):
         self.onnx_sha = verify_onnx(bundle, self.onnx_path)
         gate = bundle.export.get("fp16", {}).get("gate", {}) if isinstance(bundle.export.get("fp16"), dict) else {}
         if gate.get("passed") is False:
-            raise BackendUnavailableError(f"{self.onnx_path}: failed its fp16 accuracy gate at export (Dice {gate.get('dice')}); TensorRT fp16 not used")
+            raise BackendUnavailableError(
+                f"{self.onnx_path}: failed its fp16 accuracy gate at export (Dice {gate.get('dice')}); TensorRT fp16 not used"
+            )
         self.host = host_info(trt, can_build=self.can_build, device=self.device)
         self.directory = engines_dir(bundle)
         self.record, self.plan = self._load(bundle.patch_shape)
@@ -179,7 +183,9 @@ class TensorRTBackend(Backend):
         return None
 
     def _find(self, patch_shape: tuple[int, ...]) -> tuple[PlanRecord | None, list[str]]:
-        return find_plan(self.directory, host=self.host, onnx_sha256=self.onnx_sha, patch_shape=patch_shape, max_batch=self.options.max_batch)
+        return find_plan(
+            self.directory, host=self.host, onnx_sha256=self.onnx_sha, patch_shape=patch_shape, max_batch=self.options.max_batch
+        )
 
     def _load(self, patch_shape: tuple[int, int, int]) -> tuple[PlanRecord, TrtEngine]:
         record, reasons = self._find(patch_shape)
@@ -215,7 +221,9 @@ class TensorRTBackend(Backend):
         """
         max_batch = min(self.options.max_batch, max_batch_for(self.bundle, patch_shape))
         if max_batch < 1:
-            raise BackendUnavailableError(f"{self.bundle.path}: one {patch_shape} patch has an activation of 2**31 elements or more; use a smaller patch")
+            raise BackendUnavailableError(
+                f"{self.bundle.path}: one {patch_shape} patch has an activation of 2**31 elements or more; use a smaller patch"
+            )
         profile = default_profile(self.bundle, patch_shape, max_batch=max_batch)
         key = EngineKey(
             compute_capability=self.host.compute_capability, tensorrt_version=self.host.tensorrt_version,
@@ -234,7 +242,8 @@ class TensorRTBackend(Backend):
             gate = quick_gate(self.bundle, engine, patch_shape)
             if not gate["passed"]:
                 raise BackendUnavailableError(
-                    f"{self.onnx_path}: the TensorRT plan built here fails the accuracy gate (Dice {gate['dice']} < {GATE_MIN_DICE}); not cached"
+                    f"{self.onnx_path}: the TensorRT plan built here fails the accuracy gate "
+                    f"(Dice {gate['dice']} < {GATE_MIN_DICE}); not cached"
                 )
             meta = {
                 "built_by": "engine lazy build", "onnx_file": FP16_FILE, "gpu": torch.cuda.get_device_name(self.device),
@@ -246,7 +255,10 @@ class TensorRTBackend(Backend):
         spatial = tuple(int(s) for s in batch.shape[2:])
         if not self.record.key.profile.covers(spatial):
             patch = tuple(max(a, b) for a, b in zip(spatial, self.record.key.profile.patch_shape))
-            logger.warning("%s: plan covers patches up to %s, got %s; loading or building one for %s", self.record.plan_path, self.record.key.profile.patch_shape, spatial, patch)
+            logger.warning(
+                "%s: plan covers patches up to %s, got %s; loading or building one for %s",
+                self.record.plan_path, self.record.key.profile.patch_shape, spatial, patch,
+            )
             self.record, self.plan = self._load((patch[0], patch[1], patch[2]))
         return self.plan.run(batch)
 

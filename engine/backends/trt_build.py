@@ -36,7 +36,10 @@ from ..bundle import Bundle
 from ..errors import BundleError, InputError
 from .engine_key import INPUT_NAME, Host, Profile
 
-__all__ = ["BuildSettings", "MAX_ELEMENTS", "build_serialized_plan", "check_max_batch", "host_info", "import_tensorrt", "max_batch_for", "timing_cache_path"]
+__all__ = [
+    "BuildSettings", "MAX_ELEMENTS", "build_serialized_plan", "check_max_batch", "host_info", "import_tensorrt", "max_batch_for",
+    "timing_cache_path",
+]
 
 logger = logging.getLogger(__name__)
 
