@@ -50,8 +50,12 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="arithmetic precision")
     run.add_argument("--patch", type=_shape, default=None, help="patch Z,Y,X (default: the bundle's)")
     run.add_argument("--overlap", type=float, default=None, help="patch overlap fraction (default: the bundle's)")
-    run.add_argument("--batch", type=int, default=None, help="patches per batch (default: 1 on CPU, 4 on GPU)")
+    run.add_argument("--batch", type=int, default=None, help="patches per batch (default: 1 on CPU, fitted to the free memory on CUDA)")
     run.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+    big = p.add_argument_group("big stacks (streamed in z-slabs when the working set exceeds the memory limit)")
+    big.add_argument("--memory-limit", type=float, default=None, help="host working-memory budget in GiB (default: 3, at most half the free memory)")
+    big.add_argument("--slab-depth", type=int, default=None, help="planes per z-slab (default: from the memory limit)")
+    big.add_argument("--halo", type=int, default=None, help="watershed halo planes on each side of a slab (default: max(8, 2*min-dist))")
     post = p.add_argument_group("post-processing (defaults from the bundle)")
     post.add_argument("--threshold", type=float, default=None, help="cell-interior probability threshold")
     post.add_argument("--min-dist", type=int, default=None, help="minimum distance between watershed seeds (voxels)")
@@ -131,9 +135,9 @@ def _progress_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Cal
         return None, lambda: None
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit="patch", file=sys.stderr, leave=False)
+    bar = tqdm(total=0, unit="vox", unit_scale=True, file=sys.stderr, leave=False)
 
-    def update(done: int, total: int) -> None:
+    def update(done: int, total: int) -> None:  # voxels with final labels (SegmentOptions.progress_unit="voxel")
         bar.total = total
         bar.update(done - bar.n)
 
@@ -146,7 +150,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     options = SegmentOptions(
         backend=args.backend, precision=args.precision, patch_shape=args.patch, overlap=args.overlap,
         batch_size=args.batch, threads=args.threads, threshold=args.threshold, min_dist=args.min_dist,
-        label_threshd=args.label_threshd,
+        label_threshd=args.label_threshd, slab_depth=args.slab_depth, halo=args.halo,
+        memory_limit_gib=args.memory_limit, progress_unit="voxel",
     )
     update, close = _progress_bar(not args.no_progress and sys.stderr.isatty())
     try:

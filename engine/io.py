@@ -1,15 +1,23 @@
 """TIFF in and out: ZYX, CZYX, ImageJ hyperstacks and OME-TIFF, keeping the voxel size.
 
 Reading returns the volume as ``(C, Z, Y, X)`` in its own dtype plus the voxel size in micrometres.
+``open_volume`` reads the same files by z-slabs instead: memory-mapped when the image data are contiguous
+and uncompressed, page by page otherwise, so a stack larger than memory can be streamed.
 Writing goes to a temporary name in the target folder and is renamed into place, so a failure never leaves
-a half-written file behind.
+a half-written file behind; ``write_labels_stream`` and ``ProbabilityWriter`` write page by page from
+slabs (BigTIFF/OME when the uncompressed data would pass 4 GiB, which ImageJ files cannot hold).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 import re
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +28,20 @@ from numpy.typing import NDArray
 
 from .errors import InputError
 
-__all__ = ["Volume", "read_volume", "write_labels", "write_probabilities", "atomic_write"]
+__all__ = [
+    "Volume",
+    "VolumeReader",
+    "read_volume",
+    "open_volume",
+    "write_labels",
+    "write_labels_stream",
+    "write_probabilities",
+    "ProbabilityWriter",
+    "atomic_write",
+    "atomic_target",
+]
+
+logger = logging.getLogger(__name__)
 
 _SUPPORTED_DTYPES = (np.uint8, np.uint16, np.int8, np.int16, np.uint32, np.int32, np.float16, np.float32, np.float64)
 _UM_PER_UNIT = {"um": 1.0, "micron": 1.0, "\\u00B5m": 1.0, "µm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}
@@ -122,20 +143,157 @@ def read_volume(path: str | os.PathLike[str], /, *, channel: int | None = None, 
     return Volume(data=data, voxel_size_um=voxel, path=p)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Any, /) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``."""
+class VolumeReader:
+    """A 3D TIFF stack opened for reading by z-slabs; create it with :func:`open_volume`.
+
+    Attributes:
+        path: the file.
+        shape: ``(C, Z, Y, X)`` after channel selection.
+        dtype: the file's pixel type.
+        voxel_size_um: ``(z, y, x)`` in micrometres, or None.
+        mode: ``"memmap"`` (contiguous, uncompressed data), ``"pages"`` (one TIFF page per plane) or
+            ``"whole"`` (a layout that cannot be read by planes, e.g. volumetric tiles: read at once).
+    """
+
+    def __init__(self, path: Path, tif: tifffile.TiffFile, *, channel: int | None, channels: int) -> None:
+        self.path = path
+        self._tif = tif
+        series = tif.series[0]
+        self._axes, self._shape = series.axes, tuple(series.shape)
+        self.dtype = np.dtype(series.dtype)
+        if self.dtype.type not in _SUPPORTED_DTYPES:
+            raise InputError(f"{path}: unsupported pixel type {self.dtype}; use uint8, uint16 or float32")
+        if int(np.prod(self._shape)) == 0:
+            raise InputError(f"{path}: empty image (shape {self._shape})")
+        # Validate and learn the CZYX shape on a zero-strided stand-in: the same checks and messages as
+        # read_volume, without touching the pixels.
+        header = _to_czyx(np.broadcast_to(np.zeros((), self.dtype), self._shape), self._axes, path, channel)
+        if header.shape[0] != channels:
+            hint = "; choose one with --channel" if channels == 1 else ""
+            raise InputError(f"{path}: has {header.shape[0]} channels, the model takes {channels}{hint}")
+        self.shape: tuple[int, int, int, int] = tuple(header.shape)  # type: ignore[assignment]
+        self.voxel_size_um = _voxel_size(tif)
+        self._channel = channel
+        page_shape = tuple(series.keyframe.shape)
+        outer = self._shape[: len(self._shape) - len(page_shape)]
+        self._outer_axes = self._axes[: len(outer)]
+        self._page_shape = page_shape
+        self._offset = series.dataoffset
+        if self._offset is not None:
+            self.mode = "memmap"
+            self._file_dtype = self.dtype.newbyteorder(tif.byteorder)
+            if self._offset + int(np.prod(self._shape)) * self.dtype.itemsize > path.stat().st_size:
+                raise InputError(f"{path}: truncated file (image data end past the end of the file)")
+        elif self._shape[len(outer) :] == page_shape and int(np.prod(outer)) == len(series.pages) and self._z_axis() is not None:
+            self.mode = "pages"
+        else:
+            self.mode = "whole"
+            logger.warning("%s: layout %s cannot be read by planes; reading it whole", path, self._axes)
+        self._whole: np.ndarray | None = None
+
+    def _z_axis(self) -> int | None:
+        """Index of the axis that _to_czyx turns into Z, among the outer (page-index) axes."""
+        axes = self._outer_axes.upper()
+        if "Z" in axes:
+            return axes.index("Z")
+        generic = [a for a in self._axes.upper() if a in "QIP"]
+        if "Z" not in self._axes.upper() and len(generic) == 1 and generic[0] in axes:
+            return axes.index(generic[0])
+        return None
+
+    def read(self, z0: int, z1: int, /) -> np.ndarray:
+        """Planes ``z0 <= z < z1`` as a new ``(C, z1 - z0, Y, X)`` array in the file's dtype.
+
+        Raises:
+            InputError: the pixel data cannot be read (truncated or corrupt file).
+        """
+        try:
+            return self._read(z0, z1)
+        except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+            raise InputError(f"{self.path}: cannot read planes {z0}..{z1 - 1} ({exc})") from exc
+
+    def _read(self, z0: int, z1: int) -> np.ndarray:
+        if self.mode == "memmap":
+            mapped = np.memmap(self.path, dtype=self._file_dtype, mode="r", offset=self._offset, shape=self._shape)
+            try:  # map, copy the slab, unmap: resident pages stay bounded by the slab
+                view = _to_czyx(mapped, self._axes, self.path, self._channel)
+                return np.array(view[:, z0:z1], dtype=self.dtype)
+            finally:
+                del mapped
+        if self.mode == "whole":
+            if self._whole is None:
+                self._whole = _to_czyx(self._tif.series[0].asarray(), self._axes, self.path, self._channel)
+            return np.array(self._whole[:, z0:z1])
+        return self._read_pages(z0, z1)
+
+    def _read_pages(self, z0: int, z1: int) -> np.ndarray:
+        zi = self._z_axis() or 0  # mode "pages" means there is one
+        outer = self._shape[: len(self._outer_axes)]
+        ranges = [range(n) for n in outer]
+        ranges[zi] = range(z0, z1)
+        channel = self._channel
+        if "C" in self._outer_axes.upper() and channel is not None:
+            ci = self._outer_axes.upper().index("C")
+            ranges[ci], channel = range(channel, channel + 1), None
+        index = np.stack(np.meshgrid(*ranges, indexing="ij"), axis=0).reshape(len(outer), -1) if outer else np.zeros((0, 1), int)
+        keys = np.ravel_multi_index(tuple(index), outer).tolist() if outer else [0]
+        data = self._tif.asarray(key=keys, series=0).reshape(*[len(r) for r in ranges], *self._page_shape)
+        return np.ascontiguousarray(_to_czyx(data, self._axes, self.path, channel))
+
+    def close(self) -> None:
+        self._tif.close()
+        self._whole = None
+
+    def __enter__(self) -> VolumeReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_volume(path: str | os.PathLike[str], /, *, channel: int | None = None, channels: int = 1) -> VolumeReader:
+    """Open a 3D TIFF stack for reading by z-slabs (see :class:`VolumeReader`); arguments as :func:`read_volume`.
+
+    Raises:
+        InputError: as :func:`read_volume`, from the header alone.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such file")
+    try:
+        tif = tifffile.TiffFile(p)
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+        raise InputError(f"{p}: not a readable TIFF ({exc})") from exc
+    try:
+        if not tif.series:
+            raise InputError(f"{p}: not a readable TIFF (no image series)")
+        return VolumeReader(p, tif, channel=channel, channels=channels)
+    except BaseException:
+        tif.close()
+        raise
+
+
+@contextmanager
+def atomic_target(path: str | os.PathLike[str], /) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on a clean exit rename it to ``path``, else delete it."""
     target = Path(path)
     if not target.parent.is_dir():
         raise InputError(f"{target}: folder {target.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        yield Path(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return target
+
+
+def atomic_write(path: str | os.PathLike[str], write: Any, /) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    with atomic_target(path) as tmp:
+        write(str(tmp))
+    return Path(path)
 
 
 def _imagej_kwargs(voxel: tuple[float, float, float] | None, axes: str) -> dict[str, Any]:
@@ -175,3 +333,135 @@ def write_probabilities(
     data = np.ascontiguousarray(np.transpose(probs.astype(np.float32, copy=False), (1, 0, 2, 3)))
     kwargs = _imagej_kwargs(voxel_size_um, "ZCYX")
     return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib", **kwargs))
+
+
+# Uncompressed data above this go to BigTIFF (and so OME, since ImageJ files cannot be BigTIFF); the margin
+# leaves room for the IFDs of many pages.
+BIGTIFF_BYTES = 2**32 - 2**25
+
+
+def _stream_kwargs(
+    dtype: np.dtype, nbytes: int, axes: str, voxel: tuple[float, float, float] | None, *, imagej: bool
+) -> dict[str, Any]:
+    """tifffile writer and page arguments: ImageJ when allowed and small enough, else OME (BigTIFF if large)."""
+    big = nbytes > BIGTIFF_BYTES
+    if imagej and not big:
+        kwargs = _imagej_kwargs(voxel, axes)
+        return {"writer": {"imagej": True}, "page": {k: v for k, v in kwargs.items() if k != "imagej"}}
+    meta: dict[str, Any] = {"axes": axes}
+    if voxel:
+        meta.update(PhysicalSizeZ=voxel[0], PhysicalSizeY=voxel[1], PhysicalSizeX=voxel[2])
+    return {"writer": {"ome": True, "bigtiff": big}, "page": {"metadata": meta}}
+
+
+def write_labels_stream(
+    path: str | os.PathLike[str],
+    chunks: Iterator[NDArray[np.integer]],
+    /,
+    *,
+    shape: tuple[int, int, int],
+    max_label: int,
+    voxel_size_um: tuple[float, float, float] | None = None,
+) -> Path:
+    """Write a ``(Z, Y, X)`` label volume from z-chunks, page by page, in the format of :func:`write_labels`.
+
+    Args:
+        path: the label TIFF; written to a temporary name and renamed when complete.
+        chunks: ``(n, Y, X)`` arrays in z order that together hold ``shape[0]`` planes.
+        shape: ``(Z, Y, X)``.
+        max_label: the largest id, which picks uint16 or uint32 before any chunk is seen.
+        voxel_size_um: ``(z, y, x)``, stored as :func:`write_labels` does.
+    """
+    dtype = np.dtype(np.uint16 if max_label < 2**16 else np.uint32)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    kwargs = _stream_kwargs(dtype, nbytes, "ZYX", voxel_size_um, imagej=dtype == np.uint16)
+
+    def pages() -> Iterator[np.ndarray]:
+        for chunk in chunks:
+            for plane in chunk:
+                yield plane.astype(dtype, copy=False)
+
+    def write(tmp: str) -> None:
+        with tifffile.TiffWriter(tmp, **kwargs["writer"]) as tif:
+            tif.write(pages(), shape=shape, dtype=dtype, compression="zlib", **kwargs["page"])
+
+    return atomic_write(path, write)
+
+
+class ProbabilityWriter:
+    """Writes a ``(K, Z, Y, X)`` float32 probability map slab by slab, on its own thread.
+
+    The file is the same ImageJ hyperstack (stored ZCYX) as :func:`write_probabilities`, or an OME BigTIFF
+    when it would pass 4 GiB. It is written under a temporary name: :meth:`commit` renames it into place
+    once the run succeeded, :meth:`abort` deletes it.
+
+    Args:
+        path: where the map goes.
+        shape: ``(K, Z, Y, X)``.
+        voxel_size_um: ``(z, y, x)``, or None.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], /, *, shape: tuple[int, int, int, int], voxel_size_um: tuple[float, float, float] | None
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise InputError(f"{self.path}: folder {self.path.parent} does not exist")
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self._shape = shape
+        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        k, z, y, x = shape
+        self._kwargs = _stream_kwargs(np.dtype(np.float32), 4 * k * z * y * x, "ZCYX", voxel_size_um, imagej=True)
+        self._thread = threading.Thread(target=self._run, name="prob-writer", daemon=True)
+        self._thread.start()
+
+    def _pages(self) -> Iterator[np.ndarray]:
+        while (chunk := self._queue.get()) is not None:
+            for z in range(chunk.shape[1]):
+                for k in range(chunk.shape[0]):
+                    yield chunk[k, z]
+
+    def _run(self) -> None:
+        k, z, y, x = self._shape
+        try:
+            with tifffile.TiffWriter(self._tmp, **self._kwargs["writer"]) as tif:
+                tif.write(self._pages(), shape=(z, k, y, x), dtype=np.float32, compression="zlib", **self._kwargs["page"])
+        except BaseException as exc:  # reported to the caller by write()/finish()
+            self._error = exc
+            while self._queue.get() is not None:  # drain so a blocked producer can finish
+                pass
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, chunk: NDArray[np.float32], /) -> None:
+        """Append ``(K, n, Y, X)`` float32 planes (in z order)."""
+        self._check()
+        self._queue.put(np.asarray(chunk, dtype=np.float32))
+
+    def finish(self) -> None:
+        """Wait until every plane is on disk; raises what the writer thread hit."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._check()
+
+    def commit(self) -> Path:
+        """Finish and rename the file into place."""
+        self.finish()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Stop and delete the temporary file."""
+        if self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=60)
+            except queue.Full:  # the writer is stuck; it is a daemon thread and holds only the temp file
+                pass
+            self._thread.join(timeout=60)
+        self._tmp.unlink(missing_ok=True)

@@ -1,14 +1,20 @@
 """Orchestration only: read -> normalize -> tiled inference -> post-process -> write, with a run report.
 
 ``segment`` works on an array, ``segment_file`` on TIFF paths; both return a :class:`SegmentResult`
-whose ``report`` says what ran (backend, precision, device, patch, batch) and how long each stage took.
+whose ``report`` says what ran (backend, precision, device, patch, batch, slabs) and how long each stage
+took. Both run the slab loop of :mod:`engine.streaming`: a volume whose working set fits the memory budget
+is one slab (the whole-volume computation); a larger one is streamed in z-slabs with reading, inference
+and labelling overlapped, and ``segment_file`` then writes its outputs slab by slab without ever holding
+the volume (see :class:`SegmentResult` for what the result holds in that case).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,13 +27,16 @@ from . import io
 from .backends import Backend, BackendOptions, select_backend
 from .bundle import Bundle, PostprocessSpec, load_bundle
 from .errors import InputError
-from .normalize import normalize
-from .postprocess import label_cells
-from .tiling import TilingConfig, fit_patch_shape, sliding_window
+from .fitting import BackoffRunner, fit_tiling
+from .normalize import normalization_stats
+from .progress import PROGRESS_UNITS, Progress, ProgressTracker
+from .stitch import FileLabelStore, MemoryLabelStore, SlabLabeler
+from .streaming import ArraySource, Source, StreamTimings, plan_slabs, stream, volume_stats
+from .tiling import SlabGrid, TilingConfig
 
 __all__ = ["SegmentOptions", "RunReport", "SegmentResult", "segment", "segment_file"]
 
-Progress = Callable[[int, int], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,14 @@ class SegmentOptions:
         batch_size: patches per network call.
         threads: CPU threads (None: all cores available).
         threshold, min_dist, label_threshd: post-processing overrides (see ``PostprocessSpec``).
+        slab_depth: planes per z-slab; None: one slab when the volume's working set fits
+            ``memory_limit_gib``, else the deepest slab that does (:func:`engine.streaming.plan_slabs`).
+        halo: planes added on each side of a slab for the watershed (None: ``max(8, 2 * min_dist)``); the
+            slabbed watershed equals the whole-volume one when the halo exceeds the cells' extent in z.
+        memory_limit_gib: host working-memory budget that sizes the slabs (None: 3 GiB, at most half of
+            the available memory).
+        progress_unit: ``patch`` or ``voxel``, what ``progress(done, total)`` counts (see
+            :mod:`engine.progress`).
     """
 
     backend: str = "auto"
@@ -53,11 +70,24 @@ class SegmentOptions:
     threshold: float | None = None
     min_dist: int | None = None
     label_threshd: int | None = None
+    slab_depth: int | None = None
+    halo: int | None = None
+    memory_limit_gib: float | None = None
+    progress_unit: str = "patch"
 
 
 @dataclass
 class RunReport:
-    """What ran and how long each stage took (seconds)."""
+    """What ran and how long each stage took (seconds).
+
+    The stages overlap when a volume is streamed, so their sum can exceed ``wall_s``. ``n_slabs`` > 1
+    means the volume was streamed in ``slab_depth``-plane slabs with ``halo`` planes of watershed halo;
+    ``orphan_seeds`` counts seeds beyond a slab that flooded into it but that the next slab did not find
+    (a sign the halo is too small, see :mod:`engine.stitch`). ``oom_retries``: times the batch was halved
+    after the device ran out of memory; ``batch_size`` is the batch in use at the end. ``fit``: where the
+    patch and batch came from (:class:`engine.fitting.Fit`). ``peak_rss_mb``: the process's peak resident
+    memory at the end of the run.
+    """
 
     backend: str = ""
     precision: str = ""
@@ -68,21 +98,30 @@ class RunReport:
     shape: tuple[int, ...] = ()
     n_cells: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    slab_depth: int = 0
+    halo: int = 0
+    n_slabs: int = 0
+    orphan_seeds: int = 0
+    oom_retries: int = 0
+    fit: str = ""
+    wall_s: float = 0.0
+    peak_rss_mb: float = 0.0
 
     @property
     def voxels_per_second(self) -> float:
-        """End-to-end throughput over every timed stage."""
-        total = sum(self.timings.values())
+        """End-to-end throughput: over the wall time when known, else over every timed stage."""
+        total = self.wall_s if self.wall_s > 0 else sum(self.timings.values())
         return float(np.prod(self.shape[-3:])) / total if total > 0 else 0.0
 
     def summary(self) -> str:
         """One line for the CLI and logs."""
         stages = " ".join(f"{k}={v:.2f}s" for k, v in self.timings.items())
         patch = "x".join(map(str, self.patch_shape))
+        slabs = f" slabs={self.n_slabs}x{self.slab_depth}+halo{self.halo}" if self.n_slabs > 1 else ""
         return (
             f"{self.n_cells} cells | backend={self.backend} precision={self.precision} device={self.device} "
-            f"patch={patch} batch={self.batch_size} patches={self.n_patches} | {stages} | "
-            f"{self.voxels_per_second / 1e6:.2f} Mvoxel/s"
+            f"patch={patch} batch={self.batch_size} patches={self.n_patches}{slabs} | {stages} wall={self.wall_s:.2f}s | "
+            f"{self.voxels_per_second / 1e6:.2f} Mvoxel/s peak RSS {self.peak_rss_mb:.0f} MB"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,10 +130,16 @@ class RunReport:
 
 @dataclass(frozen=True)
 class SegmentResult:
-    """``labels``: ``(Z, Y, X)`` uint32, 0 = background; ``probabilities``: ``(K, Z, Y, X)`` float32."""
+    """``labels``: ``(Z, Y, X)`` uint32, 0 = background; ``probabilities``: ``(K, Z, Y, X)`` float32.
+
+    When ``segment_file`` streamed the volume (``report.n_slabs > 1``) nothing volume-sized is held in
+    memory: ``labels`` is a read-only ``numpy.memmap`` over a temporary file (deleted when the array is
+    garbage collected) and ``probabilities`` is None (ask for ``prob_path`` to get them on disk).
+    ``segment`` always returns both in memory.
+    """
 
     labels: NDArray[np.uint32]
-    probabilities: NDArray[np.float32]
+    probabilities: NDArray[np.float32] | None
     report: RunReport
 
     @property
@@ -119,17 +164,31 @@ def _postprocess_spec(bundle: Bundle, options: SegmentOptions) -> PostprocessSpe
     return replace(bundle.postprocess, **overrides)
 
 
-def _tiling(bundle: Bundle, options: SegmentOptions, shape: tuple[int, ...], backend: Backend) -> TilingConfig:
-    divisor = bundle.divisor
-    patch = tuple(options.patch_shape) if options.patch_shape is not None else bundle.patch_shape
-    if len(patch) != 3 or any(int(p) <= 0 or int(p) % divisor for p in patch):
-        raise InputError(f"patch shape must be 3 positive multiples of {divisor}, got {patch!r}")
-    batch = options.batch_size or (1 if backend.device.type == "cpu" else 4)
-    return TilingConfig(
-        patch_shape=fit_patch_shape(shape, patch, divisor),
-        overlap=bundle.overlap if options.overlap is None else options.overlap,
-        batch_size=batch,
+def _check_options(options: SegmentOptions) -> None:
+    if options.progress_unit not in PROGRESS_UNITS:
+        raise InputError(f"progress unit must be one of {list(PROGRESS_UNITS)}, got {options.progress_unit!r}")
+    if options.memory_limit_gib is not None and not options.memory_limit_gib > 0:
+        raise InputError(f"memory limit must be > 0 GiB, got {options.memory_limit_gib}")
+    if options.slab_depth is not None and options.slab_depth < 1:
+        raise InputError(f"slab depth must be >= 1 plane, got {options.slab_depth}")
+    if options.halo is not None and options.halo < 0:
+        raise InputError(f"halo must be >= 0 planes, got {options.halo}")
+
+
+def _tiling(bundle: Bundle, options: SegmentOptions, shape: tuple[int, int, int], backend: Backend) -> tuple[TilingConfig, str]:
+    """Patch and batch: the caller's, else fitted to the device (:func:`engine.fitting.fit_tiling`)."""
+    k = len(bundle.output.names)
+    padded_plane = lambda patch: max(shape[1], patch[1]) * max(shape[2], patch[2])  # noqa: E731
+    fit = fit_tiling(
+        bundle, backend, shape, patch_shape=options.patch_shape, batch_size=options.batch_size,
+        reserve_bytes=lambda patch: 4.0 * (k + 1) * patch[0] * padded_plane(patch),
     )
+    config = TilingConfig(
+        patch_shape=fit.patch_shape,
+        overlap=bundle.overlap if options.overlap is None else options.overlap,
+        batch_size=fit.batch_size,
+    )
+    return config, fit.source
 
 
 def _as_czyx(volume: np.ndarray, channels: int) -> np.ndarray:
@@ -140,6 +199,147 @@ def _as_czyx(volume: np.ndarray, channels: int) -> np.ndarray:
     if volume.size == 0:
         raise InputError(f"empty volume (shape {volume.shape})")
     return volume
+
+
+class _Outputs:
+    """Where a run's results go: arrays in memory (``segment``) or TIFF files (``segment_file``)."""
+
+    def __init__(
+        self,
+        *,
+        output_path: str | os.PathLike[str] | None = None,
+        prob_path: str | os.PathLike[str] | None = None,
+        voxel_size_um: tuple[float, float, float] | None = None,
+    ) -> None:
+        self.output_path, self.prob_path, self.voxel = output_path, prob_path, voxel_size_um
+        self.probs: np.ndarray | None = None
+        self.prob_writer: io.ProbabilityWriter | None = None
+
+    def open(self, shape: tuple[int, int, int, int], *, streamed: bool) -> tuple[MemoryLabelStore | FileLabelStore, Any]:
+        """The label store and the probability sink ``write(z0, chunk)`` (or None) for a ``(K, Z, Y, X)`` map."""
+        in_memory = self.output_path is None or not streamed
+        if in_memory:
+            self.probs = np.empty(shape, dtype=np.float32)
+        if self.prob_path is not None and self.output_path is not None:
+            self.prob_writer = io.ProbabilityWriter(self.prob_path, shape=shape, voxel_size_um=self.voxel)
+        folder = Path(self.output_path).parent if self.output_path is not None else None
+        store = MemoryLabelStore(shape[1:]) if in_memory else FileLabelStore(shape[1:], folder=folder)
+
+        def sink(z0: int, chunk: np.ndarray) -> None:
+            if self.probs is not None:
+                self.probs[:, z0 : z0 + chunk.shape[1]] = chunk
+            if self.prob_writer is not None:
+                self.prob_writer.write(chunk)
+
+        return store, (sink if self.probs is not None or self.prob_writer is not None else None)
+
+    def abort(self) -> None:
+        if self.prob_writer is not None:
+            self.prob_writer.abort()
+
+
+def _run(
+    source: Source,
+    /,
+    *,
+    bundle: Bundle,
+    options: SegmentOptions,
+    voxel_size_um: tuple[float, float, float] | None,
+    progress: Progress | None,
+    backend: Backend | None,
+    outputs: _Outputs,
+) -> SegmentResult:
+    """Normalize, infer, label and write ``source`` slab by slab (one slab when it fits)."""
+    started = time.perf_counter()
+    _check_options(options)
+    spec = _postprocess_spec(bundle, options)
+    c, z, y, x = source.shape
+    report = RunReport(shape=tuple(source.shape))
+    with _timed(report, "normalize"):
+        if isinstance(source, ArraySource):
+            stats = normalization_stats(source.data, bundle.normalization)
+        else:
+            stats = volume_stats(source, bundle.normalization, dtype=getattr(source, "dtype", np.dtype(np.float32)))
+    owned = backend is None
+    with _timed(report, "load"):
+        if backend is None:
+            backend_options = BackendOptions(precision=options.precision, threads=options.threads)
+            backend = select_backend(options.backend, bundle, options=backend_options)
+    try:
+        with _timed(report, "load"):
+            tiling, report.fit = _tiling(bundle, options, (z, y, x), backend)
+        k = len(bundle.output.names)
+        memory = int(options.memory_limit_gib * 2**30) if options.memory_limit_gib else None
+        plan = plan_slabs(
+            (c, z, y, x), grid_config=tiling, out_channels=k, spec=spec, depth=options.slab_depth, halo=options.halo,
+            memory_bytes=memory, keep_outputs=outputs.output_path is None, device_type=backend.device.type,
+        )
+        grid = SlabGrid((z, y, x), tiling, plan.rows_per_group)
+        report.backend, report.precision, report.device = backend.name, backend.precision, backend.device_name
+        report.patch_shape, report.n_patches = tiling.patch_shape, grid.n_patches
+        report.slab_depth, report.halo, report.n_slabs = plan.depth, plan.halo, plan.n_slabs(z)
+        store, write_probs = outputs.open((k, z, y, x), streamed=report.n_slabs > 1)
+        sampling = tuple(v / min(voxel_size_um) for v in voxel_size_um) if voxel_size_um else None
+        labeler = SlabLabeler(
+            (z, y, x), output=bundle.output, spec=spec, sampling=sampling, depth=plan.depth, halo=plan.halo, store=store
+        )
+        runner = BackoffRunner(backend.run, batch_size=tiling.batch_size)
+        tracker = ProgressTracker(progress, unit=options.progress_unit, total_voxels=z * y * x)
+        timings = StreamTimings()
+        stream(
+            source, stats=stats, run=runner, grid=grid, out_channels=k, device=backend.device, labeler=labeler,
+            write_probs=write_probs, tracker=tracker, timings=timings,
+        )
+        report.batch_size, report.oom_retries = runner.batch_size, runner.oom_retries
+    except BaseException:
+        outputs.abort()
+        raise
+    finally:
+        if owned:
+            backend.close()
+    for stage in ("read", "normalize", "infer", "postprocess"):
+        report.timings[stage] = report.timings.get(stage, 0.0) + timings.seconds.get(stage, 0.0)
+    return _finish(report, labeler, store, outputs, tracker, started)
+
+
+def _finish(
+    report: RunReport,
+    labeler: SlabLabeler,
+    store: MemoryLabelStore | FileLabelStore,
+    outputs: _Outputs,
+    tracker: ProgressTracker,
+    started: float,
+) -> SegmentResult:
+    """Final ids for every cell, then the label file (and the probability file renamed into place)."""
+    try:
+        with _timed(report, "postprocess"):
+            final = labeler.finish()
+        report.n_cells, report.orphan_seeds = final.n_cells, labeler.orphan_seeds
+        chunks = store.relabel(final.lut, chunk=max(1, labeler.depth))
+        with _timed(report, "write"):
+            if outputs.output_path is None:
+                for _ in chunks:
+                    pass
+            else:
+                io.write_labels_stream(
+                    outputs.output_path, chunks, shape=labeler.shape, max_label=final.n_cells, voxel_size_um=outputs.voxel
+                )
+            if outputs.prob_writer is not None:
+                outputs.prob_writer.commit()
+    except BaseException:
+        outputs.abort()
+        raise
+    if report.orphan_seeds:
+        logger.warning(
+            "%d seed(s) beyond a slab flooded into it but were not confirmed by the next slab; the labels may "
+            "differ from a whole-volume run near slab borders: raise --halo (now %d planes)",
+            report.orphan_seeds, report.halo,
+        )
+    report.wall_s = time.perf_counter() - started
+    report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    tracker.voxels(0)
+    tracker.report(final=True)
+    return SegmentResult(labels=store.result(), probabilities=outputs.probs, report=report)
 
 
 def segment(
@@ -155,49 +355,22 @@ def segment(
     """Segment cells in a 3D volume.
 
     Args:
-        volume: ``(Z, Y, X)`` or ``(C, Z, Y, X)`` raw intensities, any real dtype, on the host.
+        volume: ``(Z, Y, X)`` or ``(C, Z, Y, X)`` raw intensities, any real dtype, on the host (a
+            ``numpy.memmap`` works and is read slab by slab).
         bundle: the model bundle.
         options: run settings.
         voxel_size_um: ``(z, y, x)``; makes the watershed distance anisotropy-aware when given.
-        progress: called with ``(patches_done, patches_total)``.
+        progress: called with ``(done, total)`` in ``options.progress_unit`` (patches by default).
         backend: an already loaded backend to reuse (``options.backend`` is then ignored).
 
     Raises:
         InputError: bad volume or options. BackendUnavailableError: the backend cannot run here.
     """
     data = _as_czyx(volume, bundle.in_channels)
-    spec = _postprocess_spec(bundle, options)
-    report = RunReport(shape=tuple(data.shape))
-    with _timed(report, "normalize"):
-        net_input = normalize(data, bundle.normalization)
-    owned = backend is None
-    with _timed(report, "load"):
-        if backend is None:
-            backend_options = BackendOptions(precision=options.precision, threads=options.threads)
-            backend = select_backend(options.backend, bundle, options=backend_options)
-    try:
-        tiling = _tiling(bundle, options, data.shape[1:], backend)
-        report.backend, report.precision, report.device = backend.name, backend.precision, backend.device_name
-        report.patch_shape, report.batch_size = tiling.patch_shape, tiling.batch_size
-
-        def count(done: int, total: int) -> None:
-            report.n_patches = total
-            if progress is not None:
-                progress(done, total)
-
-        with _timed(report, "infer"):
-            out = sliding_window(
-                net_input, backend.run, config=tiling, out_channels=len(bundle.output.names), device=backend.device, progress=count
-            )
-            probs = out.cpu().numpy()
-    finally:
-        if owned:
-            backend.close()
-    sampling = tuple(v / min(voxel_size_um) for v in voxel_size_um) if voxel_size_um else None
-    with _timed(report, "postprocess"):
-        labels = label_cells(probs, output=bundle.output, spec=spec, sampling=sampling)
-    report.n_cells = int(labels.max())
-    return SegmentResult(labels=labels, probabilities=probs, report=report)
+    return _run(
+        ArraySource(data), bundle=bundle, options=options, voxel_size_um=voxel_size_um, progress=progress,
+        backend=backend, outputs=_Outputs(),
+    )
 
 
 def segment_file(
@@ -210,8 +383,14 @@ def segment_file(
     channel: int | None = None,
     prob_path: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    backend: Backend | None = None,
 ) -> SegmentResult:
     """Segment a TIFF stack and write the label TIFF (and optionally the probabilities).
+
+    The stack is read by z-slabs (memory-mapped when its data are contiguous and uncompressed), and a
+    stack larger than the memory budget is streamed: peak memory is bounded by the slab, the outputs are
+    written slab by slab (BigTIFF when needed) and the result holds no volume-sized array in memory
+    (see :class:`SegmentResult`).
 
     Args:
         input_path: 3D TIFF (ZYX, CZYX, ImageJ or OME).
@@ -220,7 +399,8 @@ def segment_file(
         options: run settings.
         channel: which channel of a multi-channel image to segment.
         prob_path: where to write the probability map, if wanted.
-        progress: called with ``(patches_done, patches_total)``.
+        progress: called with ``(done, total)`` in ``options.progress_unit`` (patches by default).
+        backend: an already loaded backend to reuse (``options.backend`` is then ignored).
 
     Raises:
         InputError, BundleError, BackendUnavailableError: one line each, nothing written.
@@ -231,12 +411,14 @@ def segment_file(
         if target is not None and not Path(target).parent.is_dir():
             raise InputError(f"{target}: folder {Path(target).parent} does not exist")
     started = time.perf_counter()
-    volume = io.read_volume(input_path, channel=channel, channels=bundle.in_channels)
-    read_s = time.perf_counter() - started
-    result = segment(volume.data, bundle=bundle, options=options, voxel_size_um=volume.voxel_size_um, progress=progress)
-    result.report.timings = {"read": read_s, **result.report.timings}
-    with _timed(result.report, "write"):
-        io.write_labels(output_path, result.labels, voxel_size_um=volume.voxel_size_um)
-        if prob_path is not None:
-            io.write_probabilities(prob_path, result.probabilities, voxel_size_um=volume.voxel_size_um)
+    with io.open_volume(input_path, channel=channel, channels=bundle.in_channels) as reader:
+        opened = time.perf_counter() - started
+        outputs = _Outputs(output_path=output_path, prob_path=prob_path, voxel_size_um=reader.voxel_size_um)
+        result = _run(
+            reader, bundle=bundle, options=options, voxel_size_um=reader.voxel_size_um, progress=progress,
+            backend=backend, outputs=outputs,
+        )
+    timings = result.report.timings
+    result.report.timings = {"read": timings.pop("read", 0.0) + opened, **timings}
+    result.report.wall_s += opened
     return result

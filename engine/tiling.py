@@ -25,7 +25,9 @@ __all__ = [
     "patch_starts",
     "plan_patches",
     "importance_map",
+    "SlabGrid",
     "sliding_window",
+    "sliding_window_slabs",
 ]
 
 Progress = Callable[[int, int], None]
@@ -141,6 +143,67 @@ def _device_batches(
         yield pending
 
 
+@dataclass(frozen=True)
+class SlabGrid:
+    """The global patch plan cut into groups of consecutive patch rows (same z start), for streaming.
+
+    Every group runs the patches of the whole-volume plan whose z start falls in it, so no patch runs twice
+    and each voxel blends the same patches, in the same order, as :func:`sliding_window` on the whole
+    volume. After group ``g`` the planes below the next group's first z start are final.
+
+    Args:
+        shape: ``(Z, Y, X)`` of the volume (unpadded).
+        config: the tiling.
+        rows_per_group: patch rows per group; None puts every row in one group.
+    """
+
+    shape: tuple[int, int, int]
+    config: TilingConfig
+    rows_per_group: int | None = None
+
+    @property
+    def padded(self) -> tuple[int, int, int]:
+        s, p = self.shape, self.config.patch_shape
+        return (max(s[0], p[0]), max(s[1], p[1]), max(s[2], p[2]))
+
+    @property
+    def z_starts(self) -> list[int]:
+        return patch_starts(self.padded[0], self.config.patch_shape[0], self.config.overlap)
+
+    @property
+    def groups(self) -> list[tuple[int, int]]:
+        """Row index ranges ``[i0, i1)`` of each group."""
+        n = len(self.z_starts)
+        rows = n if self.rows_per_group is None else max(1, int(self.rows_per_group))
+        return [(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+    def input_range(self, group: tuple[int, int], /) -> tuple[int, int]:
+        """Planes ``[a, b)`` of the (z-padded) input that the group's patches read."""
+        starts = self.z_starts
+        return starts[group[0]], starts[group[1] - 1] + self.config.patch_shape[0]
+
+    def final_range(self, group: tuple[int, int], /) -> tuple[int, int]:
+        """Planes ``[a, b)`` of the output (unpadded) that are final once the group has run."""
+        starts = self.z_starts
+        a = 0 if group[0] == 0 else starts[group[0]]
+        b = starts[group[1]] if group[1] < len(starts) else self.shape[0]
+        return min(a, self.shape[0]), min(b, self.shape[0])
+
+    def read_ranges(self) -> list[tuple[int, int]]:
+        """New unpadded planes ``[a, b)`` each group needs beyond what the previous group read (maybe empty)."""
+        out, done = [], 0
+        for group in self.groups:
+            b = min(self.input_range(group)[1], self.shape[0])
+            out.append((done, max(done, b)))
+            done = max(done, b)
+        return out
+
+    @property
+    def n_patches(self) -> int:
+        starts = [patch_starts(s, p, self.config.overlap) for s, p in zip(self.padded[1:], self.config.patch_shape[1:])]
+        return len(self.z_starts) * len(starts[0]) * len(starts[1])
+
+
 def sliding_window(
     volume: np.ndarray,
     run: Callable[[torch.Tensor], torch.Tensor],
@@ -165,23 +228,76 @@ def sliding_window(
     Returns:
         ``(out_channels, Z, Y, X)`` float32 on ``device``.
     """
-    shape = volume.shape[1:]
-    padded = torch.from_numpy(np.ascontiguousarray(_pad(volume, config.patch_shape, config.padding)))
-    corners = plan_patches(padded.shape[1:], config)
+    grid = SlabGrid(tuple(volume.shape[1:]), config)  # type: ignore[arg-type]
+    slabs = sliding_window_slabs(
+        lambda a, b: volume[:, a:b], run, grid=grid, out_channels=out_channels, device=device, progress=progress
+    )
+    (_, out), = list(slabs)
+    return out
+
+
+def sliding_window_slabs(
+    read: Callable[[int, int], np.ndarray],
+    run: Callable[[torch.Tensor], torch.Tensor],
+    /,
+    *,
+    grid: SlabGrid,
+    out_channels: int,
+    device: torch.device,
+    progress: Progress | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`sliding_window` by z-slabs: yields each run of final planes as soon as it is complete.
+
+    Args:
+        read: ``read(a, b)`` returns the ``(C, b - a, Y, X)`` float32 network input of planes ``[a, b)``;
+            it is called once per group, with the ranges of ``grid.read_ranges()``, in order.
+        run: as for :func:`sliding_window`.
+        grid: the patch plan and its grouping.
+        out_channels: channels ``run`` returns.
+        device: where ``run`` computes and where the blend accumulates (only the active slab lives there).
+        progress: called with ``(patches_done, patches_total)`` after each batch.
+
+    Yields:
+        ``(z0, probs)``: ``probs`` is ``(out_channels, n, Y, X)`` float32 on ``device``, the final blend of
+        planes ``[z0, z0 + n)``; successive slabs tile ``[0, Z)`` in order.
+    """
+    shape, config = grid.shape, grid.config
+    pz = config.patch_shape[0]
     weights = importance_map(config.patch_shape, sigma_scale=config.sigma_scale, device=device)
-    norm = _weight_sum(padded.shape[1:], corners, weights)
-    out = torch.zeros((out_channels, *padded.shape[1:]), dtype=torch.float32, device=device)
-    pz, py, px = config.patch_shape
-    done = 0
-    for batch, chunk in _device_batches(_host_batches(padded, corners, config), device):
-        pred = run(batch)
-        for i, (z, y, x) in enumerate(chunk):
-            region = (slice(z, z + pz), slice(y, y + py), slice(x, x + px))
-            out[(slice(None), *region)] += pred[i] * (weights / norm[region])
-        done += len(chunk)
-        if progress is not None:
-            progress(done, len(corners))
-    return out[:, : shape[0], : shape[1], : shape[2]]
+    yx = [patch_starts(s, p, config.overlap) for s, p in zip(grid.padded[1:], config.patch_shape[1:])]
+    yx_corners = [(y, x) for y in yx[0] for x in yx[1]]
+    z_starts, total, done = grid.z_starts, grid.n_patches, 0
+    carry_in: np.ndarray | None = None  # input planes already read that the next group needs again
+    carry_out = torch.zeros((out_channels, 0, *grid.padded[1:]), dtype=torch.float32, device=device)
+    for group, (ra, rb) in zip(grid.groups, grid.read_ranges()):
+        a, b = grid.input_range(group)
+        fresh = np.asarray(read(ra, rb), dtype=np.float32) if rb > ra else None
+        parts = [p for p in (carry_in, fresh) if p is not None]
+        have = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]  # planes [a, min(b, Z))
+        carry_in = have[:, max(0, min(z_starts[group[1]] if group[1] < len(z_starts) else b, shape[0]) - a) :]
+        slab = torch.from_numpy(np.ascontiguousarray(_pad(have, (b - a, *config.patch_shape[1:]), config.padding)))
+        corners = [(z - a, y, x) for z in z_starts[group[0] : group[1]] for y, x in yx_corners]
+        norm = _weight_sum_rows(grid, (a, b), weights, yx_corners)
+        out = torch.zeros((out_channels, b - a, *grid.padded[1:]), dtype=torch.float32, device=device)
+        out[:, : carry_out.shape[1]] = carry_out
+        for batch, chunk in _device_batches(_host_batches(slab, corners, config), device):
+            pred = run(batch)
+            _accumulate(out, pred, chunk, weights, norm)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+        f0, f1 = grid.final_range(group)
+        carry_out = out[:, f1 - a :] if group[1] < len(z_starts) else out[:, :0]
+        yield f0, out[:, f0 - a : f1 - a, : shape[1], : shape[2]]
+
+
+def _accumulate(
+    out: torch.Tensor, pred: torch.Tensor, chunk: list[tuple[int, int, int]], weights: torch.Tensor, norm: torch.Tensor
+) -> None:
+    pz, py, px = weights.shape
+    for i, (z, y, x) in enumerate(chunk):
+        region = (slice(z, z + pz), slice(y, y + py), slice(x, x + px))
+        out[(slice(None), *region)] += pred[i] * (weights / norm[region])
 
 
 def _weight_sum(shape: Sequence[int], corners: list[tuple[int, int, int]], weights: torch.Tensor) -> torch.Tensor:
@@ -191,3 +307,27 @@ def _weight_sum(shape: Sequence[int], corners: list[tuple[int, int, int]], weigh
     for z, y, x in corners:
         norm[z : z + pz, y : y + py, x : x + px] += weights
     return norm.to(torch.float32)
+
+
+def _weight_sum_rows(
+    grid: SlabGrid, planes: tuple[int, int], weights: torch.Tensor, yx_corners: list[tuple[int, int]], chunk: int = 16
+) -> torch.Tensor:
+    """:func:`_weight_sum` of the whole plan, restricted to planes ``[a, b)``; float64 only ``chunk`` planes at a time.
+
+    Each voxel adds the same weights in the same order as the whole-volume sum, so the result is identical.
+    """
+    a, b = planes
+    pz, py, px = weights.shape
+    w64 = weights.to(torch.float64)
+    norm = torch.empty((b - a, *grid.padded[1:]), dtype=torch.float32, device=weights.device)
+    for c0 in range(a, b, chunk):
+        c1 = min(b, c0 + chunk)
+        acc = torch.zeros((c1 - c0, *grid.padded[1:]), dtype=torch.float64, device=weights.device)
+        for z in grid.z_starts:
+            lo, hi = max(z, c0), min(z + pz, c1)
+            if lo >= hi:
+                continue
+            for y, x in yx_corners:
+                acc[lo - c0 : hi - c0, y : y + py, x : x + px] += w64[lo - z : hi - z]
+        norm[c0 - a : c1 - a] = acc.to(torch.float32)
+    return norm

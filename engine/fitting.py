@@ -1,0 +1,245 @@
+"""Patch and batch fitted to the device, and recovery when the device runs out of memory.
+
+The network is fully convolutional, so a larger patch wastes less compute on overlap. On CUDA the largest
+patch (a multiple of the network's divisor, no larger than the volume needs) and batch that fit the free
+device memory with a margin are chosen from measurements: one forward pass at batch 1 and 2 per candidate
+patch gives ``bytes(batch) = base + batch * per_patch``. Measurements are cached per device, backend,
+precision and bundle in a small JSON file, so only the first run on a device pays for them. On the CPU the
+bundle's patch is kept (bigger patches are not faster there) and the batch is 1.
+
+:class:`BackoffRunner` wraps a backend's ``run``: on ``torch.cuda.OutOfMemoryError`` it halves the batch and
+runs the same patches again in halves, so nothing already blended is lost, and keeps the smaller batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backends import Backend
+from .bundle import Bundle
+from .errors import InputError
+from .tiling import fit_patch_shape
+
+__all__ = ["Fit", "BackoffRunner", "fit_tiling", "default_cache_dir", "MEMORY_MARGIN"]
+
+logger = logging.getLogger(__name__)
+
+MEMORY_MARGIN = 0.8  # use at most this fraction of the free device memory
+MAX_BATCH = 32
+MAX_PATCH_VOXELS = 256**3
+_SCALES_YX = (1.0, 1.5, 2.0, 3.0, 4.0)
+_SCALES_Z = (1.0, 1.5, 2.0)
+_CACHE_VERSION = 1
+
+Measure = Callable[[tuple[int, int, int], int], float]
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The chosen patch and batch, and where they came from.
+
+    Attributes:
+        patch_shape: ``(z, y, x)``.
+        batch_size: patches per network call.
+        source: ``options`` (the caller fixed both), ``bundle`` (CPU: the bundle's patch), ``measured`` or
+            ``cache`` (CUDA: fitted to the free memory).
+    """
+
+    patch_shape: tuple[int, int, int]
+    batch_size: int
+    source: str
+
+
+def default_cache_dir() -> Path:
+    """``$CELLSEG3D_CACHE/fit``, else ``~/.cache/cellseg3d/fit``."""
+    root = os.environ.get("CELLSEG3D_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cellseg3d")
+    return Path(root) / "fit"
+
+
+def _candidates(base: Sequence[int], volume_shape: Sequence[int], divisor: int) -> list[tuple[int, int, int]]:
+    """Patches grown from the bundle's, no larger than the volume needs, smallest first."""
+    found = set()
+    for sz in _SCALES_Z:
+        for syx in _SCALES_YX:
+            raw = (base[0] * sz, base[1] * syx, base[2] * syx)
+            patch = tuple(max(divisor, int(round(p / divisor)) * divisor) for p in raw)
+            fitted = fit_patch_shape(volume_shape, patch, divisor)
+            if math.prod(fitted) <= MAX_PATCH_VOXELS:
+                found.add(fitted)
+    return sorted(found, key=lambda p: (math.prod(p), p))
+
+
+def _bundle_fingerprint(bundle: Bundle) -> str:
+    digest = hashlib.sha256(json.dumps(bundle.to_json(), sort_keys=True, default=str).encode())
+    if bundle.weights_path.is_file():
+        digest.update(str(bundle.weights_path.stat().st_size).encode())
+        digest.update(str(bundle.weights_path.stat().st_mtime_ns).encode())
+    return digest.hexdigest()[:16]
+
+
+def _measure_cuda(backend: Backend, channels: int) -> Measure:
+    """Peak device bytes of one forward pass: torch's allocator peak, or the drop in free memory for
+    backends that allocate outside torch (ONNX Runtime, TensorRT)."""
+    device = backend.device
+
+    def measure(patch: tuple[int, int, int], batch: int) -> float:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        free_before = torch.cuda.mem_get_info(device)[0]
+        allocated = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            out = backend.run(torch.zeros((batch, channels, *patch), device=device))
+            torch.cuda.synchronize(device)
+            del out
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return math.inf
+        peak = torch.cuda.max_memory_allocated(device) - allocated
+        outside = free_before - torch.cuda.mem_get_info(device)[0] - (torch.cuda.memory_reserved(device) - allocated)
+        return float(max(peak, outside))
+
+    return measure
+
+
+def _device_key(backend: Backend) -> str:
+    props = torch.cuda.get_device_properties(backend.device)
+    return f"{props.name}|{props.total_memory}|{torch.__version__}"
+
+
+def fit_tiling(
+    bundle: Bundle,
+    backend: Backend,
+    volume_shape: Sequence[int],
+    /,
+    *,
+    patch_shape: tuple[int, int, int] | None = None,
+    batch_size: int | None = None,
+    reserve_bytes: Callable[[tuple[int, int, int]], float] = lambda patch: 0.0,
+    cache_dir: Path | None = None,
+    measure: Measure | None = None,
+    free_bytes: float | None = None,
+    device_key: str | None = None,
+) -> Fit:
+    """Choose the patch and batch for ``backend`` on a volume of ``volume_shape`` ``(Z, Y, X)``.
+
+    Args:
+        bundle: gives the default patch and the network's divisor.
+        backend: the loaded backend; only CUDA backends are measured.
+        volume_shape: ``(Z, Y, X)``.
+        patch_shape, batch_size: fixed by the caller (None: fitted).
+        reserve_bytes: device bytes needed beside the network for a patch, e.g. the slab accumulator.
+        cache_dir: where measurements are cached (None: :func:`default_cache_dir`).
+        measure, free_bytes, device_key: test hooks standing in for the CUDA measurement, the free device
+            memory and the device's identity.
+
+    Raises:
+        InputError: a fixed patch is not made of multiples of the divisor.
+    """
+    divisor = bundle.divisor
+    if patch_shape is not None and (len(patch_shape) != 3 or any(int(p) <= 0 or int(p) % divisor for p in patch_shape)):
+        raise InputError(f"patch shape must be 3 positive multiples of {divisor}, got {patch_shape!r}")
+    on_cuda = backend.device.type == "cuda" or measure is not None
+    if not on_cuda or (patch_shape is not None and batch_size is not None):
+        patch = fit_patch_shape(volume_shape, patch_shape or bundle.patch_shape, divisor)
+        default_batch = 1 if backend.device.type == "cpu" else 4
+        return Fit(patch, batch_size or default_batch, "options" if patch_shape and batch_size else "bundle")
+    if measure is None:
+        measure = _measure_cuda(backend, bundle.in_channels)
+    if free_bytes is None:
+        free_bytes = float(torch.cuda.mem_get_info(backend.device)[0])
+    key = {
+        "version": _CACHE_VERSION,
+        "device": device_key or _device_key(backend),
+        "backend": backend.name,
+        "precision": backend.precision,
+        "bundle": _bundle_fingerprint(bundle),
+    }
+    path = (cache_dir or default_cache_dir()) / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".json")
+    table, cached = _load_cache(path, key)
+    candidates = [fit_patch_shape(volume_shape, patch_shape, divisor)] if patch_shape else _candidates(bundle.patch_shape, volume_shape, divisor)
+    budget = free_bytes * MEMORY_MARGIN
+    best: tuple[tuple[int, int, int], int] | None = None
+    for patch in candidates:
+        name = "x".join(map(str, patch))
+        if name not in table:
+            cached = False
+            one, two = measure(patch, 1), measure(patch, 2)
+            table[name] = [one - (two - one), two - one] if math.isfinite(two) else [one, math.inf]
+        base, per = table[name]
+        room = budget - reserve_bytes(patch) - base
+        if not math.isfinite(per) or room < per:
+            break  # larger patches need more
+        fits = int(min(MAX_BATCH, room // per)) if per > 0 else MAX_BATCH
+        best = (patch, batch_size or max(1, fits))
+    _save_cache(path, key, table)
+    if best is None:
+        smallest = candidates[0]
+        logger.warning("patch %s does not fit the free device memory (%.2f GiB); trying batch 1", smallest, free_bytes / 2**30)
+        best = (smallest, 1)
+    return Fit(best[0], best[1], "cache" if cached else "measured")
+
+
+def _load_cache(path: Path, key: dict[str, object]) -> tuple[dict[str, list[float]], bool]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}, False
+    if doc.get("key") != key or not isinstance(doc.get("bytes"), dict):
+        return {}, False
+    return {k: [float(v[0]), float(v[1])] for k, v in doc["bytes"].items()}, True
+
+
+def _save_cache(path: Path, key: dict[str, object], table: dict[str, list[float]]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "bytes": {k: [v[0], v[1] if math.isfinite(v[1]) else None] for k, v in table.items()}}, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home must not stop a run
+        logger.warning("%s: cannot cache patch/batch measurements (%s)", path, exc)
+
+
+class BackoffRunner:
+    """``run`` with the batch halved on CUDA out-of-memory.
+
+    A batch larger than :attr:`batch_size` is run in pieces; when a piece runs out of device memory the
+    batch size is halved, the allocator cache emptied and the same patches run again in halves, so no
+    finished work is lost. The smaller batch is kept for the rest of the run.
+
+    Args:
+        run: the backend's ``run``.
+        batch_size: the largest batch to try.
+    """
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], /, *, batch_size: int) -> None:
+        self._run = run
+        self.batch_size = batch_size
+        self.oom_retries = 0
+
+    def __call__(self, batch: torch.Tensor, /) -> torch.Tensor:
+        n = batch.shape[0]
+        if n > self.batch_size:
+            return torch.cat([self(batch[i : i + self.batch_size]) for i in range(0, n, self.batch_size)])
+        try:
+            return self._run(batch)
+        except torch.cuda.OutOfMemoryError as exc:
+            if n == 1:
+                raise torch.cuda.OutOfMemoryError(
+                    f"out of device memory with a single patch of {tuple(batch.shape[2:])}; pass a smaller --patch ({exc})"
+                ) from exc
+            self.oom_retries += 1
+            self.batch_size = max(1, n // 2)
+            logger.warning("out of device memory at batch %d; retrying at batch %d", n, self.batch_size)
+            if batch.is_cuda:
+                torch.cuda.empty_cache()
+            return self(batch)
