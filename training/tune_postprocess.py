@@ -40,8 +40,8 @@ logger = logging.getLogger("training.tune_postprocess")
 
 VALIDATION_SHAPE = (48, 160, 160)
 VALIDATION_SCALES = (1.0, 0.75, 1.5)
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
-MIN_DISTS = (2, 3, 4, 5, 6, 8)
+THRESHOLDS = (0.4, 0.5, 0.6, 0.7)
+MIN_DISTS = (3, 4, 5, 6, 8, 10)
 LABEL_THRESHDS = (5, 20, 50, 100)
 PATCH_CANDIDATES = ((32, 128, 128), (64, 128, 128), (64, 256, 256))
 
@@ -108,6 +108,7 @@ def tune(bundle: Bundle, /, *, measure_patches: bool = True) -> tuple[Postproces
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    logging.getLogger("engine").setLevel(logging.WARNING)  # not the backend selection per run
     parser = argparse.ArgumentParser(prog="python -m training.tune_postprocess", description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=None, help="bundle directory. Default: the shipped one")
     parser.add_argument("--no-patch-timing", action="store_true", help="keep the bundle's patch shape")
