@@ -33,7 +33,7 @@ from engine.tiling import TilingConfig, sliding_window
 
 from .measure import TimedNetwork, foreground_mask
 
-__all__ = ["SIZES", "Case", "parse_sizes", "bench_bundle", "make_case", "largest_patch", "reference_probabilities"]
+__all__ = ["SIZES", "Case", "parse_sizes", "bench_bundle", "make_case", "largest_patch", "fitted_patch", "reference_probabilities"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,24 @@ def largest_patch(shape: tuple[int, ...], divisor: int, /, *, max_voxels: int) -
         i = patch.index(max(patch))
         patch[i] = max(divisor, math.ceil(patch[i] / 2 / divisor) * divisor)
     return (patch[0], patch[1], patch[2])
+
+
+def fitted_patch(shape: tuple[int, ...], patch: tuple[int, int, int], divisor: int, overlap: float, /) -> tuple[int, int, int]:
+    """Per axis, the smallest patch (multiple of ``divisor``, at most ``patch``) that still covers the axis
+    with as few patches as ``patch`` needs, neighbours sharing at least ``overlap * patch`` voxels.
+
+    For 64x256x256 and a 64x128x128 bundle patch at overlap 0.25 that is 64x112x112: the same 3x3 grid,
+    1.72x the stack's voxels through the network instead of 2.25x.
+    """
+    out = []
+    for size, top in zip(shape[-3:], patch):
+        if size <= top:
+            out.append(max(divisor, math.ceil(size / divisor) * divisor))
+            continue
+        need = math.ceil(overlap * top)
+        n = math.ceil((size - need) / (top - need))
+        out.append(min(top, math.ceil((size + (n - 1) * need) / n / divisor) * divisor))
+    return (out[0], out[1], out[2])
 
 
 def _whole_volume_fits(bundle: Bundle, shape: tuple[int, int, int], device: torch.device) -> bool:

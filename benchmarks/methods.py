@@ -32,7 +32,7 @@ from engine.postprocess import label_cells
 from engine.tiling import fit_patch_shape
 
 from . import peers
-from .cases import Case, largest_patch
+from .cases import Case, fitted_patch, largest_patch
 from .measure import TimedNetwork, mask_dice
 
 __all__ = ["Method", "Context", "default_methods", "run_method"]
@@ -53,6 +53,8 @@ class Method:
         precision: ``fp32``, ``bf16`` or ``fp16``.
         peer: ``monai``, ``pytorch-3dunet`` or ``original-loop`` for peers.
         slab_patch: engine only: one patch as large as the volume allows (``--patch``) instead of the bundle's.
+        fit_patch: engine only: the bundle's patch shrunk to the fewest patches that keep its overlap
+            (:func:`benchmarks.cases.fitted_patch`, the tiler change proposed in PERFORMANCE.md).
     """
 
     name: str
@@ -61,6 +63,7 @@ class Method:
     precision: str
     peer: str = ""
     slab_patch: bool = False
+    fit_patch: bool = False
 
 
 @dataclass
@@ -108,9 +111,10 @@ def default_methods(*, gpu: bool) -> list[Method]:
             methods.append(Method(f"engine {name} {precision}", "engine", name, precision))
     fast = "fp16" if gpu else ("bf16" if cpu_has_native_bf16() else "fp32")
     fast_backend = "torch-cuda" if gpu else "torch-cpu"
+    methods.append(Method(f"engine {fast_backend} {fast} fit-patch", "engine", fast_backend, fast, fit_patch=True))
     methods.append(Method(f"engine {fast_backend} {fast} slab-patch", "engine", fast_backend, fast, slab_patch=True))
     for m in list(methods):
-        if not m.slab_patch:
+        if not (m.slab_patch or m.fit_patch):
             methods.append(Method(f"model {m.backend} {m.precision}", "model", m.backend, m.precision))
     dev = "cuda" if gpu else "cpu"
     methods += [
@@ -182,7 +186,11 @@ def _finish(
 def _engine_e2e(method: Method, case: Case, ctx: Context) -> dict[str, Any]:
     bundle = ctx.bundle
     timings: dict[str, float] = {}
-    patch = largest_patch(case.shape, bundle.divisor, max_voxels=ctx.slab_voxels) if method.slab_patch else None
+    patch = None
+    if method.slab_patch:
+        patch = largest_patch(case.shape, bundle.divisor, max_voxels=ctx.slab_voxels)
+    elif method.fit_patch:
+        patch = fitted_patch(case.shape, bundle.patch_shape, bundle.divisor, bundle.overlap)
     options = SegmentOptions(backend=method.backend, precision=method.precision, patch_shape=patch)
     start = time.perf_counter()
     with _stage(timings, "load"):
@@ -256,11 +264,9 @@ def _peer_e2e(method: Method, case: Case, ctx: Context) -> dict[str, Any]:
                 probs = peers.monai_sliding_window(net_input, net, roi_size=patch, device=ctx.device)
                 extra: dict[str, Any] = {"patch": list(patch), "overlap": 0.25, "batch": 4}
             elif method.peer == "pytorch-3dunet":
-                halo = tuple(max(bundle.divisor // 2, p // 8) for p in patch)
-                core = tuple(p - 2 * h for p, h in zip(patch, halo))
-                core = tuple(min(c, s) for c, s in zip(core, case.shape))
-                probs = peers.pytorch3dunet_predictor(net_input, net, patch=core, halo=halo, device=ctx.device, out_channels=k)  # type: ignore[arg-type]
-                extra = {"patch": list(core), "halo": list(halo), "batch": 1}
+                halo = peers.pytorch3dunet_halo(patch, bundle.divisor)
+                probs = peers.pytorch3dunet_predictor(net_input, net, patch=patch, halo=halo, device=ctx.device, out_channels=k)
+                extra = {"patch": [p + 2 * h for p, h in zip(patch, halo)], "halo": list(halo), "batch": 1}
             else:
                 probs = peers.original_loop(net_input, net, divisor=bundle.divisor, device=ctx.device, out_channels=k)
                 extra = {"patch": [16, *case.shape[1:]], "overlap": 0.0, "batch": 1}

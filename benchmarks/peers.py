@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-__all__ = ["monai_unavailable_reason", "monai_sliding_window", "pytorch3dunet_predictor", "original_loop", "slice_starts"]
+__all__ = ["monai_unavailable_reason", "monai_sliding_window", "pytorch3dunet_halo", "pytorch3dunet_predictor", "original_loop", "slice_starts"]
 
 Network = Callable[[torch.Tensor], torch.Tensor]
 
@@ -68,6 +68,13 @@ def slice_starts(size: int, patch: int, stride: int, /) -> list[int]:
     if starts[-1] + patch < size:
         starts.append(size - patch)
     return starts
+
+
+def pytorch3dunet_halo(patch: tuple[int, int, int], divisor: int, /) -> tuple[int, int, int]:
+    """About an eighth of the patch on each side, so that ``patch + 2 * halo`` is a multiple of ``divisor``."""
+    halo = [max(1, p // 8) for p in patch]
+    halo = [math.ceil(2 * h / divisor) * divisor // 2 if (p + 2 * h) % divisor else h for p, h in zip(patch, halo)]
+    return (halo[0], halo[1], halo[2])
 
 
 def pytorch3dunet_predictor(
