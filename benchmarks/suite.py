@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from engine.backends.torch_backend import cpu_has_native_bf16, default_threads
+from engine.bundle import Bundle
 from engine.errors import CellSegError
 from engine.metrics import match_instances
 from engine.postprocess import label_cells
@@ -123,6 +124,21 @@ def _prepare_exports(bundle_dir: Path, gpu: bool, notes: list[str]) -> None:
         notes.append(f"export failed ({type(exc).__name__}: {exc}); ONNX/TensorRT backends are skipped")
 
 
+def _warm_up(bundle: Bundle, device: torch.device) -> None:
+    """Run each precision once on a small input, so no row pays the libraries' one-time start-up (thread
+    pools, kernel JIT); shape-specific set-up stays in every row, as in a real run."""
+    from engine.backends import BackendOptions, select_backend
+
+    d = bundle.divisor
+    x = torch.randn((1, bundle.in_channels, 2 * d, 4 * d, 4 * d), device=device)
+    with torch.inference_mode():
+        bundle.load_model().to(device)(x)
+    name = "torch-cuda" if device.type == "cuda" else "torch-cpu"
+    for precision in ("fp16", "fp32") if device.type == "cuda" else ("bf16", "fp32") if cpu_has_native_bf16() else ("fp32",):
+        with select_backend(name, bundle, options=BackendOptions(precision=precision)) as backend:
+            backend.run(x)
+
+
 def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark and write ``out_dir/results.json``; returns the same document.
 
@@ -172,6 +188,7 @@ def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str]
         say(f"bundle: {origin}; {fpv / 1e3:.1f} kFLOP/voxel; peak GFLOP/s {', '.join(f'{k} {v:.0f}' for k, v in peaks.items())}")
         ctx = Context(bundle=bundle, device=device, flops_per_voxel=fpv, peaks=peaks, out_dir=out_dir / "labels",
                       repeats=config.repeats, slab_voxels=config.slab_voxels)
+        _warm_up(bundle, device)
         started = time.perf_counter()
         for index, size in enumerate(config.sizes):
             shape = (config.shapes or {}).get(size) or SIZES[size]
