@@ -37,6 +37,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=("default", "reference"), default="default",
                    help="default: the shipped bundle when installed (else the reference); reference: the issue's random UNet3D f_maps 16, 4 levels")
     p.add_argument("--bundle", type=Path, default=None, help="benchmark this bundle directory instead of --model")
+    p.add_argument("--keep-labels", action="store_true", help="keep every run's label TIFF in OUT/labels")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         sizes=sizes, gpu=args.gpu, repeats=args.repeats or (3 if args.gpu else 1),
         only=tuple(s for s in args.only.split(",") if s), prefer_default_bundle=args.model == "default",
         slab_voxels=2**25 if args.gpu else 2**23, bundle_dir=args.bundle,
+        keep_labels=args.keep_labels,
     )
     doc = run_suite(config, args.out, progress=lambda line: print(line, file=sys.stderr, flush=True))
     paths = write_report(doc, args.out)

@@ -51,6 +51,7 @@ class SuiteConfig:
         deadline_s: methods that would start after this many seconds are skipped (with that reason).
         warmup_first_size: on CUDA, one untimed end-to-end run per method on the first size.
         reference_cells_max_voxels: count the reference's cells (a post-processing run) up to this size.
+        keep_labels: keep every run's label TIFF in ``out_dir/labels``.
     """
 
     sizes: Sequence[str] = ("small",)
@@ -65,6 +66,7 @@ class SuiteConfig:
     deadline_s: float | None = None
     warmup_first_size: bool = True
     reference_cells_max_voxels: int = 2**25
+    keep_labels: bool = False
 
 
 def _cpu_model() -> str:
@@ -101,6 +103,12 @@ def machine_info(device: torch.device, /) -> dict[str, Any]:
         except ImportError:
             info[module] = None
     return info
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _write(doc: dict[str, Any], path: Path) -> None:
@@ -144,15 +152,17 @@ def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str]
 
     Args:
         config: sizes, device, repetitions, filters.
-        out_dir: results folder (created); label TIFFs of every run go to ``out_dir/labels``.
+        out_dir: results folder (created); label TIFFs of every run go to ``out_dir/labels`` with
+            ``config.keep_labels``, else to a scratch folder that is removed.
         progress: called with one line per finished step.
     """
     say = progress or (lambda line: logger.info("%s", line))
     device = torch.device("cuda") if config.gpu else torch.device("cpu")
     torch.set_num_threads(default_threads())
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "labels").mkdir(exist_ok=True)
     work = scratch_dir()
+    labels_dir = out_dir / "labels" if config.keep_labels else work / "labels"
+    labels_dir.mkdir(exist_ok=True)
     try:
         if config.bundle_dir is not None:
             from engine.bundle import load_bundle
@@ -176,7 +186,7 @@ def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str]
         fpv = flops_per_voxel(bundle.build_model(), in_channels=bundle.in_channels, patch_shape=bundle.patch_shape)
         doc: dict[str, Any] = {
             "machine": machine_info(device),
-            "bundle": {"name": bundle.name, "origin": origin, "patch_shape": list(bundle.patch_shape), "overlap": bundle.overlap,
+            "bundle": {"name": bundle.name, "origin": origin, "model_sha256": _sha256(bundle.weights_path), "patch_shape": list(bundle.patch_shape), "overlap": bundle.overlap,
                        "architecture": bundle.architecture, "arch_kwargs": bundle.arch_kwargs, "postprocess": vars(bundle.postprocess)},
             "flops_per_voxel": fpv,
             "peak_gflops": peaks,
@@ -186,7 +196,7 @@ def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str]
             "results": [],
         }
         say(f"bundle: {origin}; {fpv / 1e3:.1f} kFLOP/voxel; peak GFLOP/s {', '.join(f'{k} {v:.0f}' for k, v in peaks.items())}")
-        ctx = Context(bundle=bundle, device=device, flops_per_voxel=fpv, peaks=peaks, out_dir=out_dir / "labels",
+        ctx = Context(bundle=bundle, device=device, flops_per_voxel=fpv, peaks=peaks, out_dir=labels_dir,
                       repeats=config.repeats, slab_voxels=config.slab_voxels)
         _warm_up(bundle, device)
         started = time.perf_counter()
