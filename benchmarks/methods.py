@@ -52,9 +52,11 @@ class Method:
         backend: engine backend name, or for peers the device they run on (``cpu`` / ``cuda``).
         precision: ``fp32``, ``bf16`` or ``fp16``.
         peer: ``monai``, ``pytorch-3dunet`` or ``original-loop`` for peers.
-        slab_patch: engine only: one patch as large as the volume allows (``--patch``) instead of the bundle's.
-        fit_patch: engine only: the bundle's patch shrunk to the fewest patches that keep its overlap
-            (:func:`benchmarks.cases.fitted_patch`, the tiler change proposed in PERFORMANCE.md).
+        patch: which patch the run uses (passed as ``--patch`` to the engine, as ``roi_size`` to MONAI):
+            ``bundle`` (the bundle's recommended patch), ``peer`` (:attr:`Context.peer_patch`, what a user of
+            MONAI or pytorch-3dunet runs: the issue's 64x128x128), ``fit`` (the peer patch shrunk to the fewest
+            patches that keep its overlap, :func:`benchmarks.cases.fitted_patch`, the tiler change proposed in
+            PERFORMANCE.md) or ``slab`` (one patch as large as the volume and :attr:`Context.slab_voxels` allow).
     """
 
     name: str
@@ -62,8 +64,7 @@ class Method:
     backend: str
     precision: str
     peer: str = ""
-    slab_patch: bool = False
-    fit_patch: bool = False
+    patch: Literal["bundle", "peer", "fit", "slab"] = "bundle"
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Context:
         slab_voxels: the voxel budget of a slab patch.
         warmup: run each end-to-end method once untimed first (cuDNN autotuning, TensorRT plans, allocator).
         score_truth: score each run's labels against the generator's ground truth (F1 at IoU 0.5), untimed.
+        peer_patch: the patch the peers run with (and the engine's ``peer``/``fit`` rows).
     """
 
     bundle: Bundle
@@ -91,6 +93,7 @@ class Context:
     slab_voxels: int = 2**23
     warmup: bool = False
     score_truth: bool = True
+    peer_patch: tuple[int, int, int] = (64, 128, 128)
 
 
 def default_methods(*, gpu: bool) -> list[Method]:
@@ -111,16 +114,17 @@ def default_methods(*, gpu: bool) -> list[Method]:
             methods.append(Method(f"engine {name} {precision}", "engine", name, precision))
     fast = "fp16" if gpu else ("bf16" if cpu_has_native_bf16() else "fp32")
     fast_backend = "torch-cuda" if gpu else "torch-cpu"
-    methods.append(Method(f"engine {fast_backend} {fast} fit-patch", "engine", fast_backend, fast, fit_patch=True))
-    methods.append(Method(f"engine {fast_backend} {fast} slab-patch", "engine", fast_backend, fast, slab_patch=True))
+    for mode in ("peer", "fit", "slab"):
+        methods.append(Method(f"engine {fast_backend} {fast} {mode}-patch", "engine", fast_backend, fast, patch=mode))  # type: ignore[arg-type]
     for m in list(methods):
-        if not (m.slab_patch or m.fit_patch):
+        if m.patch == "bundle":
             methods.append(Method(f"model {m.backend} {m.precision}", "model", m.backend, m.precision))
     dev = "cuda" if gpu else "cpu"
     methods += [
-        Method("monai fp32", "peer", dev, "fp32", peer="monai"),
-        Method(f"monai {fast}", "peer", dev, fast, peer="monai"),
-        Method("pytorch-3dunet fp32", "peer", dev, "fp32", peer="pytorch-3dunet"),
+        Method("monai fp32", "peer", dev, "fp32", peer="monai", patch="peer"),
+        Method(f"monai {fast}", "peer", dev, fast, peer="monai", patch="peer"),
+        Method("monai fp32 bundle-patch", "peer", dev, "fp32", peer="monai", patch="bundle"),
+        Method("pytorch-3dunet fp32", "peer", dev, "fp32", peer="pytorch-3dunet", patch="peer"),
         Method("original-loop fp32", "peer", dev, "fp32", peer="original-loop"),
     ]
     return methods
@@ -183,14 +187,21 @@ def _finish(
     return rec
 
 
+def run_patch(method: Method, case: Case, ctx: Context, /) -> tuple[int, int, int]:
+    """The patch ``method`` runs with on ``case`` (fitted to the volume as the engine fits it)."""
+    bundle = ctx.bundle
+    if method.patch == "slab":
+        return largest_patch(case.shape, bundle.divisor, max_voxels=ctx.slab_voxels)
+    if method.patch == "fit":
+        return fitted_patch(case.shape, ctx.peer_patch, bundle.divisor, bundle.overlap)
+    base = ctx.peer_patch if method.patch == "peer" else bundle.patch_shape
+    return fit_patch_shape(case.shape, base, bundle.divisor)
+
+
 def _engine_e2e(method: Method, case: Case, ctx: Context) -> dict[str, Any]:
     bundle = ctx.bundle
     timings: dict[str, float] = {}
-    patch = None
-    if method.slab_patch:
-        patch = largest_patch(case.shape, bundle.divisor, max_voxels=ctx.slab_voxels)
-    elif method.fit_patch:
-        patch = fitted_patch(case.shape, bundle.patch_shape, bundle.divisor, bundle.overlap)
+    patch = run_patch(method, case, ctx)
     options = SegmentOptions(backend=method.backend, precision=method.precision, patch_shape=patch)
     start = time.perf_counter()
     with _stage(timings, "load"):
@@ -248,7 +259,7 @@ def _peer_network(method: Method, ctx: Context) -> tuple[Callable[[torch.Tensor]
 def _peer_e2e(method: Method, case: Case, ctx: Context) -> dict[str, Any]:
     bundle = ctx.bundle
     k = len(bundle.output.names)
-    patch = fit_patch_shape(case.shape, bundle.patch_shape, bundle.divisor)
+    patch = run_patch(method, case, ctx)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     with _stage(timings, "load"):
@@ -303,6 +314,13 @@ def run_method(method: Method, case: Case, ctx: Context, /) -> dict[str, Any]:
     peak_fraction, dice (vs the fp32 reference), n_cells, patch, batch.
     """
     reason = unavailable_reason(method)
+    if reason is None and method.kind == "engine" and method.patch != "bundle":
+        default = fit_patch_shape(case.shape, ctx.bundle.patch_shape, ctx.bundle.divisor)
+        if run_patch(method, case, ctx) == default:
+            reason = f"same patch as the bundle's ({'x'.join(map(str, default))}): see the row without a suffix"
+    if reason is None and method.kind == "peer" and method.patch == "bundle" and method.peer == "monai":
+        if run_patch(method, case, ctx) == fit_patch_shape(case.shape, ctx.peer_patch, ctx.bundle.divisor):
+            reason = "the bundle's patch is the peer patch: see 'monai fp32'"
     if reason is not None:
         return _record(method, case, ctx, skipped=reason)
     runner = {"engine": _engine_e2e, "model": _model_alone, "peer": _peer_e2e}[method.kind]

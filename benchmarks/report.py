@@ -71,7 +71,8 @@ def markdown(doc: dict[str, Any], /) -> str:
     lines = [f"Machine: {_machine_line(doc)}  "]
     if doc.get("bundle"):
         b = doc["bundle"]
-        lines.append(f"Model: {b.get('origin')}; bundle patch {'x'.join(map(str, b.get('patch_shape', [])))}, overlap {b.get('overlap')}  ")
+        lines.append(f"Model: {b.get('origin')}; bundle patch {'x'.join(map(str, b.get('patch_shape', [])))}, overlap {b.get('overlap')}; "
+                     f"peers' patch {'x'.join(map(str, doc.get('peer_patch', [])))}  ")
     if doc.get("flops_per_voxel"):
         peaks = ", ".join(f"{k} {v:.0f}" for k, v in doc.get("peak_gflops", {}).items())
         lines.append(f"Network: {doc['flops_per_voxel'] / 1e3:.1f} kFLOP per voxel; machine peak (large matmul, same run) GFLOP/s: {peaks}  ")

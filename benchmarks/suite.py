@@ -52,6 +52,7 @@ class SuiteConfig:
         warmup_first_size: on CUDA, one untimed end-to-end run per method on the first size.
         reference_cells_max_voxels: count the reference's cells (a post-processing run) up to this size.
         keep_labels: keep every run's label TIFF in ``out_dir/labels``.
+        peer_patch: the patch (MONAI's ``roi_size``) the peers run with; the issue's reference is 64x128x128.
     """
 
     sizes: Sequence[str] = ("small",)
@@ -67,6 +68,7 @@ class SuiteConfig:
     warmup_first_size: bool = True
     reference_cells_max_voxels: int = 2**25
     keep_labels: bool = False
+    peer_patch: tuple[int, int, int] = (64, 128, 128)
 
 
 def _cpu_model() -> str:
@@ -188,6 +190,7 @@ def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str]
             "machine": machine_info(device),
             "bundle": {"name": bundle.name, "origin": origin, "model_sha256": _sha256(bundle.weights_path), "patch_shape": list(bundle.patch_shape), "overlap": bundle.overlap,
                        "architecture": bundle.architecture, "arch_kwargs": bundle.arch_kwargs, "postprocess": vars(bundle.postprocess)},
+            "peer_patch": list(config.peer_patch),
             "flops_per_voxel": fpv,
             "peak_gflops": peaks,
             "peak_note": "best of 5 square matmuls (2048 on CPU, 8192 on CUDA) in this process",
@@ -197,7 +200,7 @@ def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str]
         }
         say(f"bundle: {origin}; {fpv / 1e3:.1f} kFLOP/voxel; peak GFLOP/s {', '.join(f'{k} {v:.0f}' for k, v in peaks.items())}")
         ctx = Context(bundle=bundle, device=device, flops_per_voxel=fpv, peaks=peaks, out_dir=labels_dir,
-                      repeats=config.repeats, slab_voxels=config.slab_voxels)
+                      repeats=config.repeats, slab_voxels=config.slab_voxels, peer_patch=config.peer_patch)
         _warm_up(bundle, device)
         started = time.perf_counter()
         for index, size in enumerate(config.sizes):
