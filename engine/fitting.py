@@ -229,7 +229,12 @@ class BackoffRunner:
     def __call__(self, batch: torch.Tensor, /) -> torch.Tensor:
         n = batch.shape[0]
         if n > self.batch_size:
-            return torch.cat([self(batch[i : i + self.batch_size]) for i in range(0, n, self.batch_size)])
+            parts, start = [], 0
+            while start < n:  # the batch size may shrink on the way; every patch runs exactly once
+                size = self.batch_size
+                parts.append(self(batch[start : start + size]))
+                start += size
+            return torch.cat(parts)
         try:
             return self._run(batch)
         except torch.cuda.OutOfMemoryError as exc:

@@ -214,7 +214,7 @@ class VolumeReader:
 
     def _read(self, z0: int, z1: int) -> np.ndarray:
         if self.mode == "memmap":
-            mapped = np.memmap(self.path, dtype=self._file_dtype, mode="r", offset=self._offset, shape=self._shape)
+            mapped = np.memmap(self.path, dtype=self._file_dtype, mode="r", offset=int(self._offset or 0), shape=self._shape)
             try:  # map, copy the slab, unmap: resident pages stay bounded by the slab
                 view = _to_czyx(mapped, self._axes, self.path, self._channel)
                 return np.array(view[:, z0:z1], dtype=self.dtype)
@@ -413,6 +413,7 @@ class ProbabilityWriter:
         self._shape = shape
         self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
+        self._eof = False
         k, z, y, x = shape
         self._kwargs = _stream_kwargs(np.dtype(np.float32), 4 * k * z * y * x, "ZCYX", voxel_size_um, imagej=True)
         self._thread = threading.Thread(target=self._run, name="prob-writer", daemon=True)
@@ -423,6 +424,7 @@ class ProbabilityWriter:
             for z in range(chunk.shape[1]):
                 for k in range(chunk.shape[0]):
                     yield chunk[k, z]
+        self._eof = True
 
     def _run(self) -> None:
         k, z, y, x = self._shape
@@ -431,7 +433,7 @@ class ProbabilityWriter:
                 tif.write(self._pages(), shape=(z, k, y, x), dtype=np.float32, compression="zlib", **self._kwargs["page"])
         except BaseException as exc:  # reported to the caller by write()/finish()
             self._error = exc
-            while self._queue.get() is not None:  # drain so a blocked producer can finish
+            while not self._eof and self._queue.get() is not None:  # drain so a blocked producer can finish
                 pass
 
     def _check(self) -> None:

@@ -18,10 +18,10 @@ Exactness, method by method:
   seed's id on both sides). The result equals the whole-volume watershed up to a permutation of ids when
   every distance maximum, seed-spacing decision and flood involved in a core lies within its window --
   in practice when the halo exceeds the cells' extent in z and ``min_dist`` -- and the flood meets no
-  ties: where two cells reach a voxel at the same probability (saturated 0.0/1.0 outputs), the winner
-  depends on the order of the flood over the whole window, and such voxels can go to the other
-  neighbour (at most 0.1% of the voxels in the tests, same cells). Foreground floods stay inside their
-  component, so there ties do not matter once the component fits in a window. None of this is
+  ties. Ties are common (saturated 0.0/1.0 boundary probabilities; distances, the square roots of
+  integers, for foreground models), and skimage breaks them by the order of its priority queue over the
+  whole window, so a voxel two cells reach at the same level can go to the other neighbour: the tests
+  measure the same cells and at most 0.1% of the voxels assigned differently. None of this is
   guaranteed in general: an upper-halo seed that flooded into a core but that the next window does not
   confirm is counted in :attr:`SlabLabeler.orphan_seeds`, a sign that the halo is too small (zero
   orphans does not prove exactness). With one core spanning the whole volume the result is exactly
@@ -30,11 +30,13 @@ Exactness, method by method:
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -45,6 +47,16 @@ from .bundle import OutputSpec, PostprocessSpec
 __all__ = ["SlabLabeler", "FinalLabels", "MemoryLabelStore", "FileLabelStore", "UnionFind"]
 
 _MAX_ID = 2**32 - 1
+
+
+def _flood(image: np.ndarray, markers: NDArray[np.int32], components: NDArray[np.int32], *, confined: bool, threads: int) -> np.ndarray:
+    """``engine.postprocess._flood``, passing ``threads`` only to the versions that take it."""
+    from . import postprocess
+
+    kwargs: dict[str, Any] = {"confined": confined}
+    if "threads" in inspect.signature(postprocess._flood).parameters:
+        kwargs["threads"] = threads
+    return postprocess._flood(image, markers, components, **kwargs)
 
 
 class UnionFind:
@@ -272,7 +284,7 @@ class SlabLabeler:
     def _watershed(self, c0: int, c1: int) -> NDArray[np.uint32]:
         # The steps of engine.postprocess.label_cells (its private helpers, so a one-core run is exactly
         # label_cells), with the seeds below the core replaced by the registered ones.
-        from .postprocess import _available_cores, _flood, _peaks, _slab_distance
+        from .postprocess import _available_cores, _peaks, _slab_distance
 
         threads = self.threads or _available_cores()
         w0, w1 = max(0, c0 - self.halo), min(self.shape[0], c1 + self.halo)
@@ -290,10 +302,11 @@ class SlabLabeler:
         markers = markers.astype(np.int32, copy=False)
         lut = self._marker_ids(markers, n, registry, w0)
         self._link_pending(markers, lut, w0)
+        components = components.astype(np.int32, copy=False)
         if self.output.kind == "boundary":
-            flooded = _flood(image, markers, components.astype(np.int32, copy=False), confined=False, threads=threads)
+            flooded = _flood(image, markers, components, confined=False, threads=threads)
         else:
-            flooded = _flood(-distance, markers, components.astype(np.int32, copy=False), confined=True, threads=threads)
+            flooded = _flood(-distance, markers, components, confined=True, threads=threads)
         del distance, components
         core = lut[flooded[c0 - w0 : c1 - w0]]
         z, y, x = np.nonzero(seeds)

@@ -145,7 +145,8 @@ def plan_slabs(
             )
             depth = max(_MIN_DEPTH, halo)
     infer_planes = int(0.4 * room / (infer_bytes * plane))
-    rows = max(1, (infer_planes - pz) // step + 1)
+    # Groups emit about a slab's planes each (more would only delay the labelling), within the budget.
+    rows = max(1, min((infer_planes - pz) // step + 1, round(depth / step)))
     return SlabPlan(depth=min(depth, z), halo=halo if depth < z else 0, rows_per_group=rows)
 
 
@@ -214,7 +215,7 @@ class _Pipeline:
         self.error: BaseException | None = None
         self._threads: list[threading.Thread] = []
 
-    def queue(self, size: int = 2) -> queue.Queue[Any]:
+    def channel(self, size: int = 2) -> queue.Queue[Any]:
         return queue.Queue(maxsize=size)
 
     def put(self, q: queue.Queue[Any], item: Any) -> None:
@@ -298,7 +299,7 @@ def stream(
         Whatever a stage raised first; the other stages stop.
     """
     pipe = _Pipeline()
-    inputs, outputs = pipe.queue(2), pipe.queue(2)
+    inputs, outputs = pipe.channel(2), pipe.channel(2)
 
     def reader() -> None:
         for a, b in grid.read_ranges():

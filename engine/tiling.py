@@ -104,9 +104,10 @@ def _pad(volume: np.ndarray, patch_shape: Sequence[int], mode: str) -> np.ndarra
     pads = [(0, 0)] + [(0, max(0, p - s)) for s, p in zip(volume.shape[1:], patch_shape)]
     if not any(after for _, after in pads):
         return volume
-    if mode == "reflect" and min(volume.shape[1:]) < 2:
-        mode = "edge"  # a single plane has nothing to reflect
-    return np.pad(volume, pads, mode=mode)
+    how: Literal["reflect", "constant", "edge"] = "constant" if mode == "constant" else "reflect"
+    if how == "reflect" and min(volume.shape[1:]) < 2:
+        how = "edge"  # a single plane has nothing to reflect
+    return np.pad(volume, pads, mode=how)
 
 
 def _host_batches(

@@ -1,0 +1,103 @@
+"""Patch/batch fitting (measured once per device, cached) and the OOM back-off, exercised on the CPU with
+stand-ins for the CUDA measurements."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from slab_helpers import ImageBackend
+
+from engine.errors import InputError
+from engine.fitting import BackoffRunner, fit_tiling
+
+
+def fake_memory(base: float = 100e6, per_voxel: float = 400.0):
+    """A stand-in for one CUDA forward pass: ``base + batch * voxels * per_voxel`` bytes, with a call log."""
+    calls: list[tuple[tuple[int, int, int], int]] = []
+
+    def measure(patch: tuple[int, int, int], batch: int) -> float:
+        calls.append((patch, batch))
+        return base + batch * math.prod(patch) * per_voxel
+
+    return measure, calls
+
+
+def test_cpu_keeps_the_bundles_patch_and_batch_one(tiny_bundle) -> None:
+    fit = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (100, 300, 300))
+    assert (fit.patch_shape, fit.batch_size, fit.source) == ((16, 32, 32), 1, "bundle")
+    fixed = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (100, 300, 300), patch_shape=(8, 16, 16), batch_size=3)
+    assert (fixed.patch_shape, fixed.batch_size, fixed.source) == ((8, 16, 16), 3, "options")
+
+
+def test_largest_patch_and_batch_that_fit_are_chosen_and_cached(tiny_bundle, tmp_path) -> None:
+    measure, calls = fake_memory()
+    kw = dict(cache_dir=tmp_path, free_bytes=2e9, device_key="fake-gpu-16GB")
+    fit = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (200, 512, 512), measure=measure, **kw)
+    budget = 0.8 * 2e9
+    voxels = math.prod(fit.patch_shape)
+    assert fit.source == "measured"
+    assert 100e6 + fit.batch_size * voxels * 400 <= budget < 100e6 + (fit.batch_size + 1) * voxels * 400 or fit.batch_size == 32
+    assert voxels > math.prod((16, 32, 32))  # grew beyond the bundle's patch
+    assert all(p % 4 == 0 for p in fit.patch_shape)
+    # no larger candidate fits even one patch... or it was the largest candidate
+    assert 100e6 + voxels * 400 <= budget
+    again = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (200, 512, 512), measure=measure, **kw)
+    assert again.source == "cache" and (again.patch_shape, again.batch_size) == (fit.patch_shape, fit.batch_size)
+    assert len(calls) == len({c for c in calls})  # nothing measured twice
+    cached = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert cached["key"]["device"] == "fake-gpu-16GB" and cached["key"]["backend"] == "image-test"
+
+
+def test_less_free_memory_gives_a_smaller_fit_from_the_same_cache(tiny_bundle, tmp_path) -> None:
+    measure, _ = fake_memory()
+    kw = dict(cache_dir=tmp_path, device_key="fake")
+    roomy = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (200, 512, 512), measure=measure, free_bytes=8e9, **kw)
+    tight = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (200, 512, 512), measure=measure, free_bytes=3e8, **kw)
+    assert math.prod(tight.patch_shape) * tight.batch_size < math.prod(roomy.patch_shape) * roomy.batch_size
+
+
+def test_a_fixed_patch_gets_a_fitted_batch_and_volume_caps_the_patch(tiny_bundle, tmp_path) -> None:
+    measure, calls = fake_memory()
+    fit = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (200, 512, 512), patch_shape=(32, 64, 64), measure=measure,
+                     free_bytes=2e9, cache_dir=tmp_path, device_key="fake")
+    assert fit.patch_shape == (32, 64, 64) and fit.batch_size > 1
+    assert {p for p, _ in calls} == {(32, 64, 64)}
+    small = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (10, 30, 30), measure=measure, free_bytes=2e9, cache_dir=tmp_path, device_key="fake")
+    assert small.patch_shape == (12, 32, 32)  # never larger than the volume needs
+
+
+def test_oom_during_measurement_stops_the_growth(tiny_bundle, tmp_path) -> None:
+    def measure(patch, batch):
+        return math.inf if math.prod(patch) > 16 * 32 * 32 * 4 else 1e6 * batch
+
+    fit = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (200, 512, 512), measure=measure, free_bytes=1e12, cache_dir=tmp_path, device_key="x")
+    assert math.prod(fit.patch_shape) <= 16 * 32 * 32 * 4
+
+
+def test_bad_fixed_patch(tiny_bundle) -> None:
+    with pytest.raises(InputError, match="multiples of 4"):
+        fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (20, 20, 20), patch_shape=(6, 8, 8))
+
+
+def test_backoff_halves_the_batch_and_loses_nothing() -> None:
+    seen: list[int] = []
+    limit = [3]
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        seen.append(batch.shape[0])
+        if batch.shape[0] > limit[0]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return batch * 2
+
+    runner = BackoffRunner(run, batch_size=8)
+    x = torch.arange(8, dtype=torch.float32).reshape(8, 1, 1, 1, 1)
+    torch.testing.assert_close(runner(x), 2 * x)
+    assert seen == [8, 4, 2, 2, 2, 2] and runner.batch_size == 2 and runner.oom_retries == 2
+    torch.testing.assert_close(runner(x[:5]), 2 * x[:5])  # the smaller batch is kept
+    assert seen[6:] == [2, 2, 1]
+    limit[0] = 0
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="single patch.*smaller --patch"):
+        runner(x[:1])
