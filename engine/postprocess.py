@@ -18,7 +18,9 @@ the per-object peak search and the distance transform dominated. What is done in
   plateau or in a pit are flooded as before. Measured agreement with the plain flood: 99.997% of voxels.
 - The seeds are the maxima ``skimage.feature.peak_local_max(labels=...)`` finds (a maximum filter per
   component, plateau and spacing rules included), without its per-object overhead; the distance transform
-  runs in z-slabs on all cores (scipy releases the GIL) and checks that the slabs' halo made it exact.
+  is computed by bounded shifts when no distance exceeds 8 (or 16) voxels -- bit-identical to scipy's and
+  about 6x faster -- and otherwise by scipy in z-slabs on all cores (it releases the GIL), checking that the
+  slabs' halo made it exact.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .bundle import OutputSpec, PostprocessSpec
 __all__ = ["interior_probability", "label_cells"]
 
 TIE_BREAK = 1e-9  # rim order among equal boundary probabilities (float32 steps at membrane levels are >= 3e-8)
+EDT_BOUNDS = (8, 16)  # isotropic distance transform by bounded shifts first (exact when within the bound)
 EDT_HALO = 16  # planes each distance-transform slab sees beyond its own (exactness is checked)
 
 
@@ -93,6 +96,43 @@ def _peaks(distance: NDArray[np.floating], components: NDArray[np.integer], min_
     return np.vstack(found) if found else np.empty((0, distance.ndim), dtype=np.intp)
 
 
+def _bounded_distance(mask: NDArray[np.bool_], bound: int) -> NDArray[np.float64] | None:
+    """Isotropic ``distance_transform_edt(mask)``, bit for bit, when no distance exceeds ``bound``; else None.
+
+    Squared distances are minimised along x, then y, then z over offsets up to ``bound`` (int16, shifted
+    array minima). A voxel within ``bound`` of the background has its nearest background within ``bound``
+    along every axis, so it gets its exact squared distance; the result is kept only when every distance
+    is within ``bound``. Cells are far smaller than the volume, so this is the usual case and takes a
+    fraction of scipy's time, which computes the full feature transform.
+    """
+    far = np.int16(30000)
+    f = np.where(mask, far, np.int16(0))
+    for axis in (2, 1, 0):
+        g = f.copy()
+        n = f.shape[axis]
+        for k in range(1, min(bound, n - 1) + 1):
+            lo: list[slice] = [slice(None)] * 3
+            hi: list[slice] = [slice(None)] * 3
+            lo[axis], hi[axis] = slice(0, n - k), slice(k, n)
+            np.minimum(g[tuple(lo)], f[tuple(hi)] + np.int16(k * k), out=g[tuple(lo)])
+            np.minimum(g[tuple(hi)], f[tuple(lo)] + np.int16(k * k), out=g[tuple(hi)])
+        np.minimum(g, far, out=g)
+        f = g
+    if int(f.max(initial=0)) > bound * bound:
+        return None
+    return np.sqrt(f, dtype=np.float64)
+
+
+def _distance(mask: NDArray[np.bool_], sampling: Sequence[float] | None, threads: int) -> NDArray[np.float64]:
+    """``distance_transform_edt(mask, sampling)``: bounded shifts when isotropic and small, else scipy in slabs."""
+    if mask.ndim == 3 and (sampling is None or all(float(s) == 1.0 for s in sampling)):
+        for bound in EDT_BOUNDS:
+            distance = _bounded_distance(mask, bound)
+            if distance is not None:
+                return distance
+    return _slab_distance(mask, sampling, threads)
+
+
 def _slab_distance(mask: NDArray[np.bool_], sampling: Sequence[float] | None, threads: int) -> NDArray[np.float64]:
     """``distance_transform_edt(mask, sampling)``, computed in z-slabs on ``threads`` threads, exactly.
 
@@ -128,7 +168,7 @@ def _seeds(
         ``(markers, components, distance)``: seeds labelled 1..k (adjacent peak voxels form one seed), the
         interior's connected components, and the distance transform.
     """
-    distance = _slab_distance(mask, sampling, threads)
+    distance = _distance(mask, sampling, threads)
     components, _ = ndimage.label(mask)
     peaks = _peaks(distance, components, max(1, int(min_dist)))
     peak_mask = np.zeros(mask.shape, dtype=bool)
@@ -180,23 +220,25 @@ def _descend(image: np.ndarray, labels: NDArray[np.int32]) -> tuple[NDArray[np.i
     padded = np.pad(image, 1, constant_values=big).ravel()
     owner = np.pad(labels, 1, constant_values=-1).ravel()
     shape = tuple(s + 2 for s in image.shape)
-    open_idx = np.flatnonzero(owner == 0)
+    index = np.int32 if padded.size < 2**31 else np.int64
+    open_idx = np.flatnonzero(owner == 0).astype(index, copy=False)
     best = padded[open_idx]
     parent = open_idx.copy()
     for stride in (shape[1] * shape[2], shape[2], 1):
         for step in (-stride, stride):
-            neighbour = open_idx + step
+            neighbour = open_idx + index(step)
             value = padded[neighbour]
             lower = value < best
-            best = np.where(lower, value, best)
-            parent = np.where(lower, neighbour, parent)
-    pointer = np.arange(padded.size, dtype=np.int64)
+            best[lower] = value[lower]
+            parent[lower] = neighbour[lower]
+    pointer = np.arange(padded.size, dtype=index)
     pointer[open_idx] = parent
-    while True:
-        jumped = pointer[pointer[open_idx]]
-        if np.array_equal(jumped, pointer[open_idx]):
-            break
-        pointer[open_idx] = jumped
+    moving = open_idx[parent != open_idx]
+    while moving.size:
+        target = pointer[moving]
+        jumped = pointer[target]
+        pointer[moving] = jumped
+        moving = moving[jumped != target]
     owner[open_idx] = owner[pointer[open_idx]]
     padded[open_idx] = best
     inner = (slice(1, -1),) * 3

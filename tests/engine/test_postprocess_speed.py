@@ -43,6 +43,18 @@ def test_peaks_equal_peak_local_max(min_dist: int) -> None:
     assert set(map(tuple, got)) == set(map(tuple, expected))
 
 
+@pytest.mark.parametrize("bound", [2, 8])
+def test_bounded_distance_is_scipys_or_none(bound: int) -> None:
+    mask = _membrane_probs()[0] < 0.5
+    expected = ndimage.distance_transform_edt(mask)
+    got = pp._bounded_distance(mask, bound)
+    if expected.max() <= bound:
+        assert got is not None and np.array_equal(got, expected)
+    else:
+        assert got is None
+    assert np.array_equal(pp._distance(mask, (1.0, 1.0, 1.0), 2), expected)
+
+
 @pytest.mark.parametrize("sampling", [None, (2.0, 1.0, 1.0)])
 def test_slab_distance_is_exact(sampling: tuple[float, float, float] | None) -> None:
     mask = _membrane_probs()[0] < 0.5
