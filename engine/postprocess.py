@@ -220,13 +220,13 @@ def _descend(image: np.ndarray, labels: NDArray[np.int32]) -> tuple[NDArray[np.i
     padded = np.pad(image, 1, constant_values=big).ravel()
     owner = np.pad(labels, 1, constant_values=-1).ravel()
     shape = tuple(s + 2 for s in image.shape)
-    index = np.int32 if padded.size < 2**31 else np.int64
-    open_idx = np.flatnonzero(owner == 0).astype(index, copy=False)
+    index: type[np.signedinteger] = np.int32 if padded.size < 2**31 else np.int64
+    open_idx: NDArray[np.signedinteger] = np.flatnonzero(owner == 0).astype(index, copy=False)
     best = padded[open_idx]
     parent = open_idx.copy()
     for stride in (shape[1] * shape[2], shape[2], 1):
         for step in (-stride, stride):
-            neighbour = open_idx + index(step)
+            neighbour = open_idx + step
             value = padded[neighbour]
             lower = value < best
             best[lower] = value[lower]

@@ -43,16 +43,27 @@ def default_threads() -> int:
 
 
 class _TorchBackend(Backend):
-    """Shared model loading and autocast execution; subclasses pick the device and precision."""
+    """Shared model loading and execution; subclasses pick the device and precision.
+
+    A precision listed in ``_native`` runs with the weights stored in that dtype (no autocast: no per-call
+    weight casts, and normalization reads half the bytes); the others run under autocast.
+    """
 
     _autocast: ClassVar[dict[str, torch.dtype | None]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    _native: ClassVar[dict[str, torch.dtype]] = {}
 
     def __init__(self, bundle: Bundle, /, *, options: BackendOptions, device: torch.device) -> None:
         super().__init__(bundle, options=options)
         self.device = device
-        self.model = bundle.load_model().to(device=device, memory_format=torch.channels_last_3d)
+        self._dtype = self._native.get(self.precision)
+        model = bundle.load_model().to(device=device, memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+        self.model = model if self._dtype is None else model.to(dtype=self._dtype)
 
     def run(self, batch: torch.Tensor, /) -> torch.Tensor:
+        if self._dtype is not None:
+            with torch.inference_mode():
+                y = self.model(batch.to(dtype=self._dtype, memory_format=torch.channels_last_3d))
+            return y.float().contiguous()
         dtype = self._autocast[self.precision]
         x = batch.contiguous(memory_format=torch.channels_last_3d)
         cast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -65,10 +76,15 @@ class _TorchBackend(Backend):
 
 
 class TorchCPUBackend(_TorchBackend):
-    """PyTorch on the CPU: fp32, or bf16 autocast (``auto`` picks bf16 only where the CPU has it natively)."""
+    """PyTorch on the CPU: fp32, or bf16 (``auto`` picks bf16 only where the CPU has it natively).
+
+    bf16 stores the weights in bf16 rather than using autocast: bf16 has fp32's exponent range, so
+    GroupNorm cannot overflow, and the CPU kernels accumulate in fp32 (see benchmarks/PERFORMANCE.md).
+    """
 
     name = "torch-cpu"
     precisions = ("fp32", "bf16")
+    _native = {"bf16": torch.bfloat16}
 
     def __init__(self, bundle: Bundle, /, *, options: BackendOptions) -> None:
         if options.precision == "auto":
