@@ -1,8 +1,9 @@
 """Patch and batch fitted to the device, and recovery when the device runs out of memory.
 
 The network is fully convolutional, so a larger patch wastes less compute on overlap. On CUDA the largest
-patch (a multiple of the network's divisor, no larger than the volume needs) and batch that fit the free
-device memory with a margin are chosen from measurements: one forward pass at batch 1 and 2 per candidate
+patch (a multiple of the network's divisor, no larger than the volume needs; torch backends only, engines
+built for a patch keep it) and batch that fit the free device memory with a margin are chosen from
+measurements: one forward pass at batch 1 and 2 per candidate
 patch gives ``bytes(batch) = base + batch * per_patch``. Measurements are cached per device, backend,
 precision and bundle in a small JSON file, so only the first run on a device pays for them. On the CPU the
 bundle's patch is kept (bigger patches are not faster there) and the batch is 1.
@@ -166,7 +167,12 @@ def fit_tiling(
     }
     path = (cache_dir or default_cache_dir()) / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".json")
     table, cached = _load_cache(path, key)
-    candidates = [fit_patch_shape(volume_shape, patch_shape, divisor)] if patch_shape else _candidates(bundle.patch_shape, volume_shape, divisor)
+    if patch_shape is not None or not backend.name.startswith("torch"):
+        # engines built for a patch (ONNX Runtime's TensorRT EP, TensorRT) keep it: only the batch is fitted
+        candidates = [fit_patch_shape(volume_shape, patch_shape or bundle.patch_shape, divisor)]
+    else:
+        candidates = _candidates(bundle.patch_shape, volume_shape, divisor)
+    max_batch = min(MAX_BATCH, backend.options.max_batch) if not backend.name.startswith("torch") else MAX_BATCH
     budget = free_bytes * MEMORY_MARGIN
     best: tuple[tuple[int, int, int], int] | None = None
     for patch in candidates:
@@ -179,7 +185,7 @@ def fit_tiling(
         room = budget - reserve_bytes(patch) - base
         if not math.isfinite(per) or room < per:
             break  # larger patches need more
-        fits = int(min(MAX_BATCH, room // per)) if per > 0 else MAX_BATCH
+        fits = int(min(max_batch, room // per)) if per > 0 else max_batch
         best = (patch, batch_size or max(1, fits))
     _save_cache(path, key, table)
     if best is None:

@@ -275,8 +275,11 @@ def sliding_window_slabs(
         fresh = np.asarray(read(ra, rb), dtype=np.float32) if rb > ra else None
         parts = [p for p in (carry_in, fresh) if p is not None]
         have = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]  # planes [a, min(b, Z))
-        carry_in = have[:, max(0, min(z_starts[group[1]] if group[1] < len(z_starts) else b, shape[0]) - a) :]
+        del parts, fresh
+        next_start = z_starts[group[1]] if group[1] < len(z_starts) else b
+        carry_in = have[:, max(0, min(next_start, shape[0]) - a) :].copy()
         slab = torch.from_numpy(np.ascontiguousarray(_pad(have, (b - a, *config.patch_shape[1:]), config.padding)))
+        del have
         corners = [(z - a, y, x) for z in z_starts[group[0] : group[1]] for y, x in yx_corners]
         norm = _weight_sum_rows(grid, (a, b), weights, yx_corners)
         out = torch.zeros((out_channels, b - a, *grid.padded[1:]), dtype=torch.float32, device=device)
@@ -287,9 +290,13 @@ def sliding_window_slabs(
             done += len(chunk)
             if progress is not None:
                 progress(done, total)
+        del slab, norm, pred
         f0, f1 = grid.final_range(group)
-        carry_out = out[:, f1 - a :] if group[1] < len(z_starts) else out[:, :0]
-        yield f0, out[:, f0 - a : f1 - a, : shape[1], : shape[2]]
+        carry_out = out[:, f1 - a :].clone() if group[1] < len(z_starts) else out[:, :0]
+        final = out[:, f0 - a : f1 - a, : shape[1], : shape[2]]
+        del out  # only the final planes (and the small carries) stay alive while the caller uses them
+        yield f0, final
+        del final
 
 
 def _accumulate(
@@ -311,7 +318,7 @@ def _weight_sum(shape: Sequence[int], corners: list[tuple[int, int, int]], weigh
 
 
 def _weight_sum_rows(
-    grid: SlabGrid, planes: tuple[int, int], weights: torch.Tensor, yx_corners: list[tuple[int, int]], chunk: int = 16
+    grid: SlabGrid, planes: tuple[int, int], weights: torch.Tensor, yx_corners: list[tuple[int, int]], chunk: int = 8
 ) -> torch.Tensor:
     """:func:`_weight_sum` of the whole plan, restricted to planes ``[a, b)``; float64 only ``chunk`` planes at a time.
 

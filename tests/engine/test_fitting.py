@@ -14,6 +14,12 @@ from engine.errors import InputError
 from engine.fitting import BackoffRunner, fit_tiling
 
 
+class TorchLike(ImageBackend):
+    """Stands in for a torch backend (whose patch may grow); the measurements are faked."""
+
+    name = "torch-fake"
+
+
 def fake_memory(base: float = 100e6, per_voxel: float = 400.0):
     """A stand-in for one CUDA forward pass: ``base + batch * voxels * per_voxel`` bytes, with a call log."""
     calls: list[tuple[tuple[int, int, int], int]] = []
@@ -35,7 +41,7 @@ def test_cpu_keeps_the_bundles_patch_and_batch_one(tiny_bundle) -> None:
 def test_largest_patch_and_batch_that_fit_are_chosen_and_cached(tiny_bundle, tmp_path) -> None:
     measure, calls = fake_memory()
     kw = dict(cache_dir=tmp_path, free_bytes=2e9, device_key="fake-gpu-16GB")
-    fit = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (200, 512, 512), measure=measure, **kw)
+    fit = fit_tiling(tiny_bundle, TorchLike(tiny_bundle), (200, 512, 512), measure=measure, **kw)
     budget = 0.8 * 2e9
     voxels = math.prod(fit.patch_shape)
     assert fit.source == "measured"
@@ -44,28 +50,35 @@ def test_largest_patch_and_batch_that_fit_are_chosen_and_cached(tiny_bundle, tmp
     assert all(p % 4 == 0 for p in fit.patch_shape)
     # no larger candidate fits even one patch... or it was the largest candidate
     assert 100e6 + voxels * 400 <= budget
-    again = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (200, 512, 512), measure=measure, **kw)
+    again = fit_tiling(tiny_bundle, TorchLike(tiny_bundle), (200, 512, 512), measure=measure, **kw)
     assert again.source == "cache" and (again.patch_shape, again.batch_size) == (fit.patch_shape, fit.batch_size)
     assert len(calls) == len({c for c in calls})  # nothing measured twice
     cached = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert cached["key"]["device"] == "fake-gpu-16GB" and cached["key"]["backend"] == "image-test"
+    assert cached["key"]["device"] == "fake-gpu-16GB" and cached["key"]["backend"] == "torch-fake"
+
+
+def test_engines_built_for_a_patch_keep_it_and_cap_the_batch(tiny_bundle, tmp_path) -> None:
+    measure, calls = fake_memory(per_voxel=1.0)
+    fit = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (200, 512, 512), measure=measure, free_bytes=8e9, cache_dir=tmp_path, device_key="x")
+    assert fit.patch_shape == (16, 32, 32) and fit.batch_size == 8  # BackendOptions.max_batch
+    assert {p for p, _ in calls} == {(16, 32, 32)}
 
 
 def test_less_free_memory_gives_a_smaller_fit_from_the_same_cache(tiny_bundle, tmp_path) -> None:
     measure, _ = fake_memory()
     kw = dict(cache_dir=tmp_path, device_key="fake")
-    roomy = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (200, 512, 512), measure=measure, free_bytes=8e9, **kw)
-    tight = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (200, 512, 512), measure=measure, free_bytes=3e8, **kw)
+    roomy = fit_tiling(tiny_bundle, TorchLike(tiny_bundle), (200, 512, 512), measure=measure, free_bytes=8e9, **kw)
+    tight = fit_tiling(tiny_bundle, TorchLike(tiny_bundle), (200, 512, 512), measure=measure, free_bytes=3e8, **kw)
     assert math.prod(tight.patch_shape) * tight.batch_size < math.prod(roomy.patch_shape) * roomy.batch_size
 
 
 def test_a_fixed_patch_gets_a_fitted_batch_and_volume_caps_the_patch(tiny_bundle, tmp_path) -> None:
     measure, calls = fake_memory()
-    fit = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (200, 512, 512), patch_shape=(32, 64, 64), measure=measure,
+    fit = fit_tiling(tiny_bundle, TorchLike(tiny_bundle), (200, 512, 512), patch_shape=(32, 64, 64), measure=measure,
                      free_bytes=2e9, cache_dir=tmp_path, device_key="fake")
     assert fit.patch_shape == (32, 64, 64) and fit.batch_size > 1
     assert {p for p, _ in calls} == {(32, 64, 64)}
-    small = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (10, 30, 30), measure=measure, free_bytes=2e9, cache_dir=tmp_path, device_key="fake")
+    small = fit_tiling(tiny_bundle, TorchLike(tiny_bundle), (10, 30, 30), measure=measure, free_bytes=2e9, cache_dir=tmp_path, device_key="fake")
     assert small.patch_shape == (12, 32, 32)  # never larger than the volume needs
 
 
@@ -73,7 +86,7 @@ def test_oom_during_measurement_stops_the_growth(tiny_bundle, tmp_path) -> None:
     def measure(patch, batch):
         return math.inf if math.prod(patch) > 16 * 32 * 32 * 4 else 1e6 * batch
 
-    fit = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (200, 512, 512), measure=measure, free_bytes=1e12, cache_dir=tmp_path, device_key="x")
+    fit = fit_tiling(tiny_bundle, TorchLike(tiny_bundle), (200, 512, 512), measure=measure, free_bytes=1e12, cache_dir=tmp_path, device_key="x")
     assert math.prod(fit.patch_shape) <= 16 * 32 * 32 * 4
 
 
