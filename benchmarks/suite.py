@@ -7,6 +7,7 @@ after every method, so a run cut short still leaves its finished rows.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import platform
@@ -30,6 +31,8 @@ from .measure import flops_per_voxel, machine_peak
 from .methods import Context, default_methods, run_method
 
 __all__ = ["SuiteConfig", "run_suite", "machine_info"]
+
+GENERATE_VOXELS_PER_S = 2.5e6  # synthetic volume generation speed on the project's CPU (for the time budget)
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +208,15 @@ def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str]
         started = time.perf_counter()
         for index, size in enumerate(config.sizes):
             shape = (config.shapes or {}).get(size) or SIZES[size]
+            wanted = (config.size_only or {}).get(size)
+            if config.deadline_s is not None and time.perf_counter() - started + math.prod(shape) / GENERATE_VOXELS_PER_S > config.deadline_s:
+                reason = f"time budget of {config.deadline_s:.0f} s: no time left to generate and run this size"
+                for method in methods:
+                    if wanted is None or any(w in method.name for w in wanted):
+                        doc["results"].append({"method": method.name, "kind": method.kind, "backend": method.backend,
+                                               "precision": method.precision, "size": size, "shape": list(shape), "skipped": reason})
+                say(f"{size}: skipped ({reason})")
+                continue
             case = make_case(size, work, shape=shape)
             probs = reference_probabilities(case, bundle, device=device)
             if case.voxels <= config.reference_cells_max_voxels:
@@ -215,7 +227,6 @@ def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str]
                 del ref_labels
             del probs
             ctx.warmup = config.gpu and config.warmup_first_size and index == 0
-            wanted = (config.size_only or {}).get(size)
             doc["cases"].append({"size": size, "shape": list(case.shape), "voxels": case.voxels, **case.notes})
             say(f"{size} {'x'.join(map(str, case.shape))}: reference {case.notes['reference']} in {case.notes['reference_seconds']:.1f} s")
             for method in methods:
