@@ -32,6 +32,7 @@ from .normalize import normalization_stats
 from .progress import PROGRESS_UNITS, Progress, ProgressTracker
 from .stitch import FileLabelStore, MemoryLabelStore, SlabLabeler
 from .streaming import ArraySource, Source, StreamTimings, plan_slabs, stream, volume_stats
+from .tiff_stream import ProbabilityWriter, write_labels_stream
 from .tiling import SlabGrid, TilingConfig
 
 __all__ = ["SegmentOptions", "RunReport", "SegmentResult", "segment", "segment_file"]
@@ -213,7 +214,7 @@ class _Outputs:
     ) -> None:
         self.output_path, self.prob_path, self.voxel = output_path, prob_path, voxel_size_um
         self.probs: np.ndarray | None = None
-        self.prob_writer: io.ProbabilityWriter | None = None
+        self.prob_writer: ProbabilityWriter | None = None
 
     def open(self, shape: tuple[int, int, int, int], *, streamed: bool) -> tuple[MemoryLabelStore | FileLabelStore, Any]:
         """The label store and the probability sink ``write(z0, chunk)`` (or None) for a ``(K, Z, Y, X)`` map."""
@@ -221,7 +222,7 @@ class _Outputs:
         if in_memory:
             self.probs = np.empty(shape, dtype=np.float32)
         if self.prob_path is not None and self.output_path is not None:
-            self.prob_writer = io.ProbabilityWriter(self.prob_path, shape=shape, voxel_size_um=self.voxel)
+            self.prob_writer = ProbabilityWriter(self.prob_path, shape=shape, voxel_size_um=self.voxel)
         folder = Path(self.output_path).parent if self.output_path is not None else None
         store = MemoryLabelStore(shape[1:]) if in_memory else FileLabelStore(shape[1:], folder=folder)
 
@@ -321,7 +322,7 @@ def _finish(
                 for _ in chunks:
                     pass
             else:
-                io.write_labels_stream(
+                write_labels_stream(
                     outputs.output_path, chunks, shape=labeler.shape, max_label=final.n_cells, voxel_size_um=outputs.voxel
                 )
             if outputs.prob_writer is not None:

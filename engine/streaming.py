@@ -115,7 +115,8 @@ def plan_slabs(
         depth, halo: fixed by the caller (None: chosen here).
         memory_bytes: host working-memory budget (None: :data:`DEFAULT_MEMORY_BYTES`, at most half of the
             available memory).
-        keep_outputs: whole-volume labels and probabilities are returned in memory (they count too).
+        keep_outputs: whole-volume labels and probabilities are returned in memory even when streamed
+            (``segment``); they always count for a one-slab run.
         device_type: where the blend accumulates (CUDA keeps it off the host).
 
     Raises:
@@ -131,11 +132,11 @@ def plan_slabs(
     plane = y * x
     infer_bytes = 8 * c + (0 if device_type == "cuda" else 4 * out_channels + 4)
     post_bytes = POSTPROCESS_BYTES.get(spec.method, 72) + 4 * out_channels  # + planes queued for it
-    outputs = (4 + 4 * out_channels) * z * plane if keep_outputs else 0
+    outputs = (4 + 4 * out_channels) * z * plane  # labels and probabilities, held in memory by a one-slab run
     pz, step = grid_config.patch_shape[0], max(1, round(grid_config.patch_shape[0] * (1 - grid_config.overlap)))
     if depth is None and outputs + (infer_bytes + post_bytes) * max(z, pz) * plane <= budget:
         return SlabPlan(depth=z, halo=0, rows_per_group=None)  # the whole volume fits: one slab, exact
-    room = max(0, budget - outputs)
+    room = max(0, budget - outputs) if keep_outputs else budget
     if depth is None:
         depth = int(0.5 * room / (post_bytes * plane)) - 2 * halo
         if depth < max(_MIN_DEPTH, halo):

@@ -9,7 +9,8 @@ import pytest
 import tifffile
 
 from engine.errors import InputError
-from engine.io import ProbabilityWriter, open_volume, read_volume, write_labels, write_labels_stream
+from engine.io import open_volume, read_volume, write_labels
+from engine.tiff_stream import ProbabilityWriter, write_labels_stream
 
 RNG = np.random.default_rng(0)
 STACK = RNG.integers(0, 4000, (7, 3, 10, 12), dtype=np.uint16)  # Z, C, Y, X

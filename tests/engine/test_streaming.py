@@ -20,6 +20,7 @@ from slab_helpers import ImageBackend, differing_fraction, same_up_to_permutatio
 from engine import InputError, SegmentOptions, segment, segment_file
 from engine import io as engine_io
 from engine import normalize as engine_normalize
+from engine import tiff_stream
 from engine.bundle import OutputSpec, PostprocessSpec, make_bundle
 from engine.normalize import normalization_stats
 from engine.streaming import ArraySource, plan_slabs, volume_stats
@@ -144,7 +145,7 @@ def test_streamed_result_holds_no_volume(tmp_path, bundles, stacks) -> None:
 
 
 def test_big_outputs_go_to_bigtiff(tmp_path, bundles, stacks, monkeypatch) -> None:
-    monkeypatch.setattr(engine_io, "BIGTIFF_BYTES", 1000)
+    monkeypatch.setattr(tiff_stream, "BIGTIFF_BYTES", 1000)
     bundle, (stack, _) = bundles["membrane"], stacks["membrane"]
     result, labels, probs = _run_file(tmp_path, stack, bundle, SegmentOptions(slab_depth=20, halo=8))
     for name in ("labels.tif", "prob.tif"):
