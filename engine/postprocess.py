@@ -123,17 +123,20 @@ def _bounded_distance(mask: NDArray[np.bool_], bound: int) -> NDArray[np.float64
     return np.sqrt(f, dtype=np.float64)
 
 
-def _distance(mask: NDArray[np.bool_], sampling: Sequence[float] | None, threads: int) -> NDArray[np.float64]:
+def _slab_distance(mask: NDArray[np.bool_], sampling: Sequence[float] | None, threads: int) -> NDArray[np.float64]:
     """``distance_transform_edt(mask, sampling)``: bounded shifts when isotropic and small, else scipy in slabs."""
     if mask.ndim == 3 and (sampling is None or all(float(s) == 1.0 for s in sampling)):
         for bound in EDT_BOUNDS:
             distance = _bounded_distance(mask, bound)
             if distance is not None:
                 return distance
-    return _slab_distance(mask, sampling, threads)
+    return _scipy_slab_distance(mask, sampling, threads)
 
 
-def _slab_distance(mask: NDArray[np.bool_], sampling: Sequence[float] | None, threads: int) -> NDArray[np.float64]:
+_distance = _slab_distance
+
+
+def _scipy_slab_distance(mask: NDArray[np.bool_], sampling: Sequence[float] | None, threads: int) -> NDArray[np.float64]:
     """``distance_transform_edt(mask, sampling)``, computed in z-slabs on ``threads`` threads, exactly.
 
     Each slab sees :data:`EDT_HALO` extra planes on each side. A distance no larger than the halo's depth

@@ -58,9 +58,11 @@ def test_bounded_distance_is_scipys_or_none(bound: int) -> None:
 @pytest.mark.parametrize("sampling", [None, (2.0, 1.0, 1.0)])
 def test_slab_distance_is_exact(sampling: tuple[float, float, float] | None) -> None:
     mask = _membrane_probs()[0] < 0.5
+    assert np.array_equal(pp._scipy_slab_distance(mask, sampling, 3), ndimage.distance_transform_edt(mask, sampling=sampling))
     assert np.array_equal(pp._slab_distance(mask, sampling, 3), ndimage.distance_transform_edt(mask, sampling=sampling))
     deep = np.ones((80, 24, 24), bool)
     deep[:, 12, 12] = False  # distances beyond the halo: the whole-volume fallback
+    assert np.array_equal(pp._scipy_slab_distance(deep, None, 2), ndimage.distance_transform_edt(deep))
     assert np.array_equal(pp._slab_distance(deep, None, 2), ndimage.distance_transform_edt(deep))
 
 
