@@ -5,7 +5,10 @@ Two kinds of volume, both ZYX and reproducible from an integer seed:
 - ``membrane``: space-filling cells like a plant meristem imaged with a membrane stain. Cells are the
   Voronoi cells of a jittered lattice of seeds, some seeds dropped (larger cells) and some split in two
   (small, recently divided pairs), so sizes vary. The image shows thin bright membranes at the cell
-  borders over a dim cytoplasm.
+  borders over a dim cytoplasm. As in a plant cell wall, which carries one plasma membrane per cell,
+  every interface is drawn on both sides: each cell's own outermost voxel layer (its voxels with a face
+  neighbour in another cell) is membrane, with that cell's membrane brightness, so a wall is a ridge two
+  voxels wide (before the blur) centred on the true interface.
 - ``nuclei``: separate, randomly oriented ellipsoids on a dark background.
 
 Both images go through the same acquisition model: anisotropic gaussian blur (z wider than y and x),
@@ -13,9 +16,10 @@ a smooth low-frequency illumination field with depth attenuation along z, Poisso
 read noise, an offset and a gain, then rounding to ``uint8`` or ``uint16``.
 
 Label convention: ``labels`` is ``uint32`` with cells numbered ``1..n`` consecutively. For ``membrane``
-volumes every voxel belongs to a cell (there is no 0): membranes are visible only in the image, and a
-membrane voxel carries the label of the cell on whose side it was drawn. For ``nuclei`` volumes 0 is
-background. Cells cut by the volume border keep whatever part lies inside.
+volumes every voxel belongs to a cell (there is no 0): membranes are visible only in the image, and
+each membrane voxel carries the label of its own cell (the two layers of a wall belong to the two cells
+it separates, so the interface between labels runs down the middle of the bright ridge). For ``nuclei``
+volumes 0 is background. Cells cut by the volume border keep whatever part lies inside.
 
 Example::
 
@@ -95,7 +99,8 @@ def make_membrane_volume(
         dtype: ``"uint8"`` or ``"uint16"`` for the image.
         voxel_scale: multiplies the cell diameter and the blur width, as if the same tissue were
             sampled with voxels ``1/voxel_scale`` times the size (1.5 gives larger, fewer cells in
-            voxels; 0.75 smaller, more). Membranes are drawn 1 voxel thick before the blur.
+            voxels; 0.75 smaller, more). Each cell's membrane is its outermost voxel layer, so a wall
+            is 2 voxels thick before the blur (one layer per cell).
 
     Returns:
         A ``SyntheticVolume`` whose labels are space-filling (no 0) ``uint32`` cells ``1..n``.
@@ -323,14 +328,16 @@ def _lattice_seeds(padded: tuple[int, ...], spacing: float, rng: np.random.Gener
 
 
 def _boundary_mask(labels: NDArray[np.uint32]) -> NDArray[np.bool_]:
-    """Voxels whose label differs from the next voxel along any axis (a membrane about 1 voxel thick)."""
+    """Voxels with a face neighbour of another label: both sides of every interface (2 voxels thick)."""
     mask = np.zeros(labels.shape, dtype=bool)
     for axis in range(3):
         lo = [slice(None)] * 3
         hi = [slice(None)] * 3
         lo[axis] = slice(0, -1)
         hi[axis] = slice(1, None)
-        mask[tuple(lo)] |= labels[tuple(lo)] != labels[tuple(hi)]
+        differs = labels[tuple(lo)] != labels[tuple(hi)]
+        mask[tuple(lo)] |= differs
+        mask[tuple(hi)] |= differs
     return mask
 
 

@@ -3,9 +3,11 @@
 Every volume comes from ``engine.synthetic.make_membrane_volume`` with settings drawn from its own seed
 (cell diameter, voxel scale, dtype), so a seed reproduces a training volume exactly. The target is the
 cell boundary: every voxel with a 6-neighbour of another cell, i.e. a ridge 2 voxels wide centred on the
-true interface, which the seeded watershed splits down the middle. Intensities are normalized as the
-engine does (whole-volume percentiles, ``engine.normalize``), then crops are flipped, rotated in xy and
-given random contrast, gamma and noise.
+true interface, which the seeded watershed splits down the middle. It is exactly the generator's membrane
+mask (each cell's outermost voxel layer is drawn bright, one membrane per cell on both sides of a wall),
+so the target ridge lies on the image ridge, and flips and rotations map a volume to an equally valid
+one. Intensities are normalized as the engine does (whole-volume percentiles, ``engine.normalize``), then
+crops are flipped, rotated in xy and given random contrast, gamma and noise.
 
 Seed ranges (kept apart so nothing held out is ever trained on):
 

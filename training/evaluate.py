@@ -2,7 +2,7 @@ r"""Accuracy of a bundle on held-out synthetic membrane volumes, as a markdown t
 
 Command (from the repository root; the shipped bundle by default)::
 
-    python -m training.evaluate [--bundle engine/default_bundle] [--json /tmp/eval.json] [--quick]
+    python -m training.evaluate [--bundle engine/default_bundle] [--json /tmp/eval.json] [--quick] [--record]
 
 It segments, through ``engine.segment`` with the bundle's own settings, generated volumes whose seeds and
 shapes were never used for training or validation (``training/data.py``): three 64x256x256 volumes at
@@ -10,7 +10,8 @@ voxel_scale 1 (seeds 700-702), and one each at voxel_scale 0.75 and 1.5 (seeds 7
 robustness. For each it reports mean matched IoU, precision/recall/F1 at IoU 0.5 and the adapted Rand
 error (``engine.metrics.match_instances``). Finally it compares bf16 with fp32 on the first volume:
 the Dice of the foreground (cell-interior) masks and the largest probability difference; skipped where
-the CPU lacks native bf16. ``--quick`` uses 48x160x160 volumes.
+the CPU lacks native bf16. ``--quick`` uses 48x160x160 volumes. ``--record`` also writes the figures into
+the bundle's ``bundle.json`` (``validation.held_out_evaluation``).
 
 As a library::
 
@@ -25,14 +26,14 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engine.backends.torch_backend import cpu_has_native_bf16
-from engine.bundle import Bundle, load_bundle
+from engine.bundle import Bundle, load_bundle, write_bundle_json
 from engine.metrics import foreground_dice, match_instances
 from engine.pipeline import SegmentOptions, segment
 from engine.postprocess import interior_probability
@@ -40,7 +41,9 @@ from engine.synthetic import make_membrane_volume
 
 from .data import EVAL_SCALE_SEEDS, EVAL_SEEDS
 
-__all__ = ["Case", "default_cases", "score_case", "precision_agreement", "evaluate", "format_report", "main"]
+__all__ = [
+    "Case", "default_cases", "score_case", "precision_agreement", "evaluate", "format_report", "held_out_record", "main",
+]
 
 _METRICS = ("n_gt", "n_pred", "mean_matched_iou", "precision", "recall", "f1", "adapted_rand_error")
 
@@ -106,8 +109,9 @@ def evaluate(bundle: Bundle, /, *, cases: list[Case] | None = None, compare_prec
     started = time.perf_counter()
     rows = [score_case(bundle, case) for case in cases]
     agreement = precision_agreement(bundle, cases[0]) if compare_precision else None
+    skipped = None if agreement else ("not asked for" if not compare_precision else "this CPU has no native bf16")
     return {"bundle": str(bundle.path), "rows": rows, "precision_agreement": agreement,
-            "wall_time_s": round(time.perf_counter() - started, 1)}
+            "precision_skipped": skipped, "wall_time_s": round(time.perf_counter() - started, 1)}
 
 
 def _mean_row(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -147,9 +151,9 @@ def format_report(report: dict[str, Any], /) -> str:
             f"bf16 {agreement['f1_bf16']:.3f}, inference {agreement['infer_s_fp32']:.1f} s fp32 / "
             f"{agreement['infer_s_bf16']:.1f} s bf16"
         )
-    elif "precision_agreement" in report:
+    elif report.get("precision_skipped"):
         lines.append("")
-        lines.append("bf16 vs fp32: skipped (this CPU has no native bf16)")
+        lines.append(f"bf16 vs fp32: skipped ({report['precision_skipped']})")
     return "\n".join(lines)
 
 
@@ -159,17 +163,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     parser.add_argument("--quick", action="store_true", help="48x160x160 volumes instead of 64x256x256")
     parser.add_argument("--no-bf16-check", action="store_true", help="skip the bf16 vs fp32 comparison")
+    parser.add_argument("--record", action="store_true",
+                        help="write the figures into the bundle's bundle.json (validation.held_out_evaluation)")
     return parser
+
+
+def held_out_record(report: dict[str, Any], /, *, command: str) -> dict[str, Any]:
+    """What ``--record`` stores: the command, the held-out means, every row and the bf16/fp32 comparison."""
+    held_out = [r for r in report["rows"] if r["group"] == "held-out"]
+    mean = _mean_row(held_out, "mean") if held_out else {}
+    rounded = lambda row: {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}  # noqa: E731
+    agreement = report.get("precision_agreement")
+    return {
+        "command": command,
+        "mean_held_out": {k: round(mean[k], 4) for k in _METRICS if k not in ("n_gt", "n_pred")} if mean else {},
+        "rows": [rounded(r) for r in report["rows"]],
+        "bf16_vs_fp32": rounded(agreement) if agreement else report.get("precision_skipped"),
+        "wall_time_s": report["wall_time_s"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     bundle = load_bundle(args.bundle)
     report = evaluate(bundle, cases=default_cases(quick=args.quick), compare_precision=not args.no_bf16_check)
+    command = f"python -m training.evaluate {' '.join(argv if argv is not None else sys.argv[1:])}".strip()
     print(format_report(report))
-    print(f"\n({report['wall_time_s']:.0f} s; python -m training.evaluate {' '.join(argv if argv is not None else sys.argv[1:])})")
+    print(f"\n({report['wall_time_s']:.0f} s; {command})")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.record:
+        validation = {**bundle.validation, "held_out_evaluation": held_out_record(report, command=command)}
+        write_bundle_json(replace(bundle, validation=validation))
     return 0
 
 

@@ -1,14 +1,32 @@
 r"""Train the default boundary model shipped in ``engine/default_bundle`` (plain torch, CPU).
 
-Command (from the repository root)::
+The shipped model was made in two stages (from the repository root):
 
-    python -m training.train_default --checkpoint /tmp/cellseg3d_train/ckpt.pt --steps 750
+1. From scratch, on the generator's earlier one-sided membranes (a wall drawn on one of its two cells;
+   git 8d37c8d), 750 steps, lr 2e-3::
 
-The shipped model was made on a 2-core machine shared with other jobs, which ran slower than planned, so
-the run was resumed twice with fewer steps (``training.runs`` in bundle.json): steps 0-300 ran with
-``--steps 2000``, 300-500 with ``--steps 1100`` and 500-750 with ``--steps 750`` (the cosine schedule follows
-the current ``--steps``). Measured: 1396 s in the training loop, 24.6 min wall clock from the first start
-to the written bundle (2-core AMD EPYC Zen 4, bf16 autocast, 0.5-2.2 s per step depending on the load).
+       python -m training.train_default --checkpoint /tmp/cellseg3d_train/ckpt.pt --steps 750
+
+   resumed twice with fewer steps on a loaded machine (0-300 with ``--steps 2000``, 300-500 with
+   ``--steps 1100``, 500-750 with ``--steps 750``); 1396 s in the training loop, 24.6 min wall clock.
+   Those weights are git 8d37c8d's ``engine/default_bundle/model.pt``.
+
+2. Fine-tuned from them on the current two-sided membranes (each cell's own outermost layer is bright,
+   so the image ridge lies on the 2-voxel target ridge), 600 steps, lr 1e-3::
+
+       python -m training.train_default --init /tmp/cellseg3d_ft/init_750steps_onesided.pt \
+           --checkpoint /tmp/cellseg3d_ft/ckpt.pt --bundle-out /tmp/cellseg3d_ft/bundle --steps 600 --lr 1e-3
+
+   ``init_750steps_onesided.pt`` is stage 1's checkpoint (``git show 8d37c8d:engine/default_bundle/model.pt``
+   holds the same weights and works as ``--init`` too); the bundle was then tuned and evaluated in
+   ``/tmp/cellseg3d_ft/bundle`` and copied here. Started
+   with ``--steps 900`` and resumed at step 100 with ``--steps 600`` once the step time was measured
+   (``training.runs`` in bundle.json). Measured: 1027 s in the training loop, 18.5 min wall clock from
+   the first start to the written bundle (2-core AMD EPYC Zen 4 shared with other jobs, bf16 autocast,
+   0.4-3.6 s per step depending on the load, 1.7 s on average).
+
+A new run starts from random weights, or with ``--init`` from a training checkpoint's or a bundle's
+weights (fresh optimizer, step 0, fresh data pool).
 
 Rerunning the same command resumes from ``--checkpoint`` if it exists (model, optimizer, step, data pool
 and random states are all in it). When the steps are done it writes the weights to
@@ -17,7 +35,7 @@ post-processing defaults on validation volumes and records the figures in ``bund
 
 Model: pytorch-3dunet ``UNet3D`` (layer order ``gcr``, f_maps 16 -> [16, 32, 64], 3 levels, GroupNorm 8
 groups), one output channel: the boundary (membrane) probability. Loss: BCE + soft Dice on that channel.
-Optimizer: AdamW, lr 2e-3 with 50 warm-up steps and cosine decay to 2 % of it, weight decay 1e-4. Batches of
+Optimizer: AdamW, lr 2e-3 (``--lr``; 1e-3 for the fine-tune) with 50 warm-up steps and cosine decay to 2 % of it, weight decay 1e-4. Batches of
 2 crops of 32x64x64 voxels, bf16 autocast and ``channels_last_3d`` on CPUs with native bf16.
 
 Data (``training/data.py``): a pool of 32 synthetic membrane volumes (48x128x128, cell diameter 11-17,
@@ -82,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/cellseg3d_train/ckpt.pt"),
                         help="resumed from if it exists, written every --save-every steps. Default: %(default)s")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start a new run (step 0, fresh optimizer and data pool) from these weights: a "
+                             "training checkpoint or a bundle's model.pt; ignored when resuming from --checkpoint")
     parser.add_argument("--bundle-out", type=Path, default=DEFAULT_BUNDLE_DIR, help="Default: %(default)s")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="Default: %(default)s")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="Default: %(default)s")
@@ -118,8 +139,23 @@ def _save(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save_every: int, log_every: int) -> dict:
-    """Train (or resume) until ``config.steps``; returns the final checkpoint dict."""
+def _init_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load ``path`` (a training checkpoint or a bare state dict such as a bundle's ``model.pt``) into ``model``."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "model_state_dict" in state:
+        state = state["model_state_dict"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: not weights for this architecture; missing {missing}, unexpected {unexpected}")
+    logger.info("%s: initial weights loaded", path)
+
+
+def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save_every: int, log_every: int,
+          init: Path | None = None) -> dict:
+    """Train (or resume) until ``config.steps``; returns the final checkpoint dict.
+
+    A new run (no ``checkpoint`` yet) starts from random weights, or from ``init``'s weights (fine-tuning).
+    """
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     bf16 = config.bf16 and cpu_has_native_bf16()
@@ -140,7 +176,10 @@ def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save
         rng.bit_generator.state = json.loads(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])
         history = list(state.get("history", [[0, json.loads(state["config"])["steps"]]]))
+        init = Path(state["init"]) if state.get("init") else None
         logger.info("%s: resumed at step %d (%.0f s trained)", checkpoint, step, elapsed)
+    elif init is not None:
+        _init_weights(model, init)
     history.append([step, config.steps])  # [first step, --steps] of each (re)started run
     pool = [make_train_volume(s, settings) for s in pool_seeds]
 
@@ -150,7 +189,7 @@ def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save
             "step": step, "elapsed_s": elapsed, "losses": losses, "pool_seeds": pool_seeds,
             "next_seed": next_seed, "numpy_rng": json.dumps(rng.bit_generator.state),
             "torch_rng": torch.get_rng_state(), "config": json.dumps(dataclasses.asdict(config)),
-            "bf16": bf16, "history": history,
+            "bf16": bf16, "history": history, "init": str(init) if init is not None else "",
         }
 
     model.train()
@@ -214,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          pool_size=args.pool_size, bf16=not args.no_bf16, threads=args.threads)
     settings = DataSettings()
-    state = train(config, settings, args.checkpoint, save_every=args.save_every, log_every=args.log_every)
+    state = train(config, settings, args.checkpoint, save_every=args.save_every, log_every=args.log_every,
+                  init=args.init)
     command = "python -m training.train_default " + " ".join(argv if argv is not None else sys.argv[1:])
     training = {
         "command": command.strip(),
@@ -226,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss": "BCE + soft Dice",
         "steps": state["step"],
         "runs": [{"from_step": a, "steps_arg": b} for a, b in state["history"]],
+        "init": state["init"] or None,
         "wall_time_s": round(state["elapsed_s"], 1),
         "final_loss": state["losses"][-1][1] if state["losses"] else None,
         "machine": "2-core AMD EPYC (Zen 4, AVX512-BF16), torch " + torch.__version__.split("+")[0] + " CPU",

@@ -40,8 +40,10 @@ logger = logging.getLogger("training.tune_postprocess")
 
 VALIDATION_SHAPE = (48, 160, 160)
 VALIDATION_SCALES = (1.0, 0.75, 1.5)
-THRESHOLDS = (0.4, 0.5, 0.6, 0.7)
-MIN_DISTS = (3, 4, 5, 6, 8, 10)
+THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
+# 12 and 16 exceed most cells' interior radius, so they come close to one seed per connected component of
+# the thresholded interior; larger values would only widen the streaming halo (2 * min_dist planes)
+MIN_DISTS = (3, 4, 5, 6, 8, 10, 12, 16)
 LABEL_THRESHDS = (5, 20, 50, 100)
 PATCH_CANDIDATES = ((32, 128, 128), (64, 128, 128), (64, 256, 256))
 
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bundle = load_bundle(args.bundle)
     spec, patch, record = tune(bundle, measure_patches=not args.no_patch_timing)
+    record["command"] = f"python -m training.tune_postprocess {' '.join(argv if argv is not None else sys.argv[1:])}".strip()
     write_bundle_json(dataclasses.replace(bundle, postprocess=spec, patch_shape=patch, validation=record))
     logger.info("%s: postprocess %s, patch %s, F1 %.3f, IoU %.3f", bundle.path, spec, patch, record["f1"], record["mean_matched_iou"])
     return 0
