@@ -44,6 +44,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: small, or small,medium,large with --gpu")
     p.add_argument("--out", type=Path, default=Path("bench_results"), help="results folder (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per method, best kept (default: 1 on CPU, 3 on GPU)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the method list this many times round-robin, keeping each method's best (default: %(default)s)")
     p.add_argument("--only", default="", help="comma-separated substrings: run only methods whose name contains one")
     p.add_argument("--model", choices=("default", "reference"), default="default",
                    help="default: the shipped bundle when installed (else the reference); reference: the issue's random UNet3D f_maps 16, 4 levels")
@@ -74,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats is not None and args.repeats < 1:
         raise InputError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.rounds < 1:
+        raise InputError(f"--rounds must be >= 1, got {args.rounds}")
     sizes = args.sizes or (["small", "medium", "large"] if args.gpu else ["small"])
     if args.gpu:
         import torch
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         sizes=sizes, gpu=args.gpu, repeats=args.repeats or (3 if args.gpu else 1),
         only=tuple(s for s in args.only.split(",") if s), prefer_default_bundle=args.model == "default",
         slab_voxels=2**25 if args.gpu else 2**23, bundle_dir=args.bundle,
-        keep_labels=args.keep_labels, peer_patch=args.peer_patch,
+        keep_labels=args.keep_labels, peer_patch=args.peer_patch, rounds=args.rounds,
     )
     doc = run_suite(config, args.out, progress=lambda line: print(line, file=sys.stderr, flush=True))
     paths = write_report(doc, args.out)

@@ -96,6 +96,8 @@ def markdown(doc: dict[str, Any], /) -> str:
                 lines.append(f"| {r['method']} | skipped: {str(r['skipped']).replace('|', '/')[:160]} |" + " |" * 10)
                 continue
             stages = " ".join(f"{k} {v:.2f}" for k, v in (r.get("timings") or {}).items())
+            if r.get("rounds_seconds"):
+                stages += " (rounds: " + ", ".join(f"{v:.1f}" for v in r["rounds_seconds"] if v is not None) + ")"
             pct = _fmt(r.get("peak_fraction"), ".0f", 100.0)
             lines.append(
                 f"| {r['method']} | {r['seconds']:.2f} | {r['voxels_per_s'] / 1e6:.2f} | {_fmt(speed.get((size, r['method'])), '.1f')} "
