@@ -36,7 +36,7 @@ from .errors import InputError
 from .normalize import normalization_stats
 from .progress import ProgressTracker
 from .stitch import SlabLabeler
-from .tiling import SlabGrid, sliding_window_slabs
+from .tiling import SlabGrid, TilingConfig, sliding_window_slabs
 
 __all__ = ["SlabPlan", "plan_slabs", "Source", "ArraySource", "volume_stats", "normalize_with", "stream", "StreamTimings"]
 
@@ -96,7 +96,7 @@ def plan_slabs(
     shape: tuple[int, int, int, int],
     /,
     *,
-    grid_config: Any,
+    grid_config: TilingConfig,
     out_channels: int,
     spec: PostprocessSpec,
     depth: int | None = None,
