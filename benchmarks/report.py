@@ -113,7 +113,10 @@ def markdown(doc: dict[str, Any], /) -> str:
 
 
 def plot(doc: dict[str, Any], path: Path, /) -> Path:
-    """Grouped bars of voxels/s (log scale) per method, one group per size; written to ``path`` (PNG)."""
+    """Horizontal bars of voxels/s (log scale) per method, one panel per size; written to ``path`` (PNG).
+
+    Colours: this engine end to end, the network alone, the peers.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,18 +124,20 @@ def plot(doc: dict[str, Any], path: Path, /) -> Path:
 
     results = [r for r in doc.get("results", []) if "skipped" not in r]
     sizes = list(dict.fromkeys(r["size"] for r in results))
-    methods = list(dict.fromkeys(r["method"] for r in results))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.45 * len(methods) * max(1, len(sizes))), 4.8))
-    width = 0.8 / max(1, len(methods))
-    for i, method in enumerate(methods):
-        values = [next((r["voxels_per_s"] / 1e6 for r in results if r["size"] == s and r["method"] == method), 0.0) for s in sizes]
-        ax.bar([j + i * width for j in range(len(sizes))], values, width, label=method)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))])
-    ax.set_xticklabels([f"{s}\n{'x'.join(map(str, next(r['shape'] for r in results if r['size'] == s)))}" for s in sizes])
-    ax.set_yscale("log")
-    ax.set_ylabel("Mvoxel/s (log)")
-    ax.set_title(_machine_line(doc)[:110], fontsize=8)
-    ax.legend(fontsize=7, ncol=2)
+    colours = {"engine": "tab:blue", "model": "tab:gray", "peer": "tab:orange"}
+    rows = max((sum(1 for r in results if r["size"] == s) for s in sizes), default=1)
+    fig, axes = plt.subplots(len(sizes) or 1, 1, figsize=(8.0, 1.0 + 0.32 * rows * max(1, len(sizes))), squeeze=False)
+    for ax, size in zip(axes[:, 0], sizes):
+        mine = [r for r in results if r["size"] == size][::-1]
+        ax.barh([r["method"] for r in mine], [r["voxels_per_s"] / 1e6 for r in mine],
+                color=[colours.get(r.get("kind", "peer"), "tab:orange") for r in mine])
+        for i, r in enumerate(mine):
+            ax.text(r["voxels_per_s"] / 1e6, i, f" {r['seconds']:.1f} s", va="center", fontsize=7)
+        ax.set_xscale("log")
+        ax.set_title(f"{size} {'x'.join(map(str, mine[0]['shape']))}", fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    axes[-1, 0].set_xlabel("Mvoxel/s (log; blue: this engine end to end, grey: network alone, orange: peers end to end)", fontsize=8)
+    fig.suptitle(_machine_line(doc)[:120], fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
