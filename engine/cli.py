@@ -53,7 +53,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--batch", type=int, default=None, help="patches per batch (default: 1 on CPU, fitted to the free memory on CUDA)")
     run.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
     big = p.add_argument_group("big stacks (streamed in z-slabs when the working set exceeds the memory limit)")
-    big.add_argument("--memory-limit", type=float, default=None, help="host working-memory budget in GiB (default: 3, at most half the free memory)")
+    big.add_argument("--memory-limit", type=float, default=None, help="host working-memory budget in GiB (default: 2, at most half the free memory)")
     big.add_argument("--slab-depth", type=int, default=None, help="planes per z-slab (default: from the memory limit)")
     big.add_argument("--halo", type=int, default=None, help="watershed halo planes on each side of a slab (default: max(8, 2*min-dist))")
     post = p.add_argument_group("post-processing (defaults from the bundle)")

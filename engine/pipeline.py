@@ -56,7 +56,7 @@ class SegmentOptions:
             ``memory_limit_gib``, else the deepest slab that does (:func:`engine.streaming.plan_slabs`).
         halo: planes added on each side of a slab for the watershed (None: ``max(8, 2 * min_dist)``); the
             slabbed watershed equals the whole-volume one when the halo exceeds the cells' extent in z.
-        memory_limit_gib: host working-memory budget that sizes the slabs (None: 3 GiB, at most half of
+        memory_limit_gib: host working-memory budget that sizes the slabs (None: 2 GiB, at most half of
             the available memory).
         progress_unit: ``patch`` or ``voxel``, what ``progress(done, total)`` counts (see
             :mod:`engine.progress`).

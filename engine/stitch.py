@@ -272,14 +272,15 @@ class SlabLabeler:
 
     def _components(self, c0: int, c1: int) -> NDArray[np.uint32]:
         labels, n = ndimage.label(self._mask(self._planes(c0, c1)))
-        lut = np.concatenate([[0], self.ids.add(n)])
+        lut = np.concatenate([[0], self.ids.add(n)]).astype(np.uint32)  # ids < 2**32 (UnionFind checks)
         core = lut[labels]
+        del labels
         if self._last_plane is not None:
             both = (self._last_plane > 0) & (core[0] > 0)
             pairs = np.unique(np.stack([self._last_plane[both], core[0][both]]), axis=1)
             self.ids.union(pairs[0], pairs[1])
-        self._last_plane = core[-1].copy()
-        return core.astype(np.uint32)
+        self._last_plane = core[-1].astype(np.int64)
+        return core
 
     def _watershed(self, c0: int, c1: int) -> NDArray[np.uint32]:
         # The steps of engine.postprocess.label_cells (its private helpers, so a one-core run is exactly
@@ -308,7 +309,7 @@ class SlabLabeler:
         else:
             flooded = _flood(-distance, markers, components, confined=True, threads=threads)
         del distance, components
-        core = lut[flooded[c0 - w0 : c1 - w0]]
+        core = lut.astype(np.uint32)[flooded[c0 - w0 : c1 - w0]]
         z, y, x = np.nonzero(seeds)
         ids = lut[markers[z, y, x]]
         z = z + w0
@@ -318,7 +319,7 @@ class SlabLabeler:
         # Seeds above the core matter only where they flooded into it; the next window must confirm those.
         upper = (z >= c1) & np.isin(ids, np.unique(core))
         self._pending = np.stack([z[upper], y[upper], x[upper], ids[upper]])
-        return core.astype(np.uint32)
+        return core
 
     def _marker_ids(self, markers: NDArray[np.int32], n: int, registry: NDArray[np.int64], w0: int) -> NDArray[np.int64]:
         """Global id of each window marker: the registered id it contains, else a new one (in marker order)."""

@@ -42,7 +42,7 @@ __all__ = ["SlabPlan", "plan_slabs", "Source", "ArraySource", "volume_stats", "n
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MEMORY_BYTES = 3 * 2**30
+DEFAULT_MEMORY_BYTES = 2 * 2**30
 # Host bytes per voxel of each working buffer, measured on 64x256x256 stacks (see tests/engine/test_streaming.py).
 POSTPROCESS_BYTES = {"watershed": 72, "components": 24}
 _MIN_DEPTH = 8
