@@ -165,6 +165,7 @@ def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str]
         progress: called with one line per finished step.
     """
     say = progress or (lambda line: logger.info("%s", line))
+    started = time.perf_counter()  # the deadline counts exports (a TensorRT build) and warm-up too
     device = torch.device("cuda") if config.gpu else torch.device("cpu")
     torch.set_num_threads(default_threads())
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +209,6 @@ def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str]
         ctx = Context(bundle=bundle, device=device, flops_per_voxel=fpv, peaks=peaks, out_dir=labels_dir,
                       repeats=config.repeats, slab_voxels=config.slab_voxels, peer_patch=config.peer_patch)
         _warm_up(bundle, device)
-        started = time.perf_counter()
         for index, size in enumerate(config.sizes):
             shape = (config.shapes or {}).get(size) or SIZES[size]
             wanted = (config.size_only or {}).get(size)
