@@ -155,7 +155,7 @@ def fitted_patch(shape: tuple[int, ...], patch: tuple[int, int, int], divisor: i
     """Per axis, the smallest patch (multiple of ``divisor``, at most ``patch``) that still covers the axis
     with as few patches as ``patch`` needs, neighbours sharing at least ``overlap * patch`` voxels.
 
-    For 64x256x256 and a 64x128x128 bundle patch at overlap 0.25 that is 64x112x112: the same 3x3 grid,
+    For 64x256x256, a 64x128x128 patch at overlap 0.25 and divisor 8 that is 64x112x112: the same 3x3 grid,
     1.72x the stack's voxels through the network instead of 2.25x.
     """
     out = []
