@@ -269,19 +269,36 @@ def test_bad_streaming_options(bundles, options, match) -> None:
 
 
 _RSS_CHILD = r"""
-import json, resource, sys
+import json, os, sys, threading, time
 sys.path.insert(0, sys.argv[1])
 from slab_helpers import ImageBackend
 from engine import SegmentOptions, load_bundle, segment_file
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+def rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * PAGE
+
 bundle = load_bundle(sys.argv[2])
 backend = ImageBackend(bundle)
 opts = SegmentOptions(patch_shape=(16, 64, 64), batch_size=2, threads=1, slab_depth=int(sys.argv[5]) or None, halo=4,
                       memory_limit_gib=float(sys.argv[6]))
 segment_file(sys.argv[7], sys.argv[4] + ".warm.tif", bundle=bundle, options=opts, backend=backend)  # imports, first calls
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# ru_maxrss only grows, so a warm-up peak can hide the run's: sample the current RSS during the run instead.
+base, peak, done = rss(), [0], threading.Event()
+
+def sample() -> None:
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+
+sampler = threading.Thread(target=sample)
+sampler.start()
 result = segment_file(sys.argv[3], sys.argv[4], bundle=bundle, options=opts, backend=backend)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"base_mb": base / 1024, "delta_mb": (peak - base) / 1024, "slabs": result.report.n_slabs}))
+done.set()
+sampler.join()
+print(json.dumps({"base_mb": base / 2**20, "delta_mb": max(peak[0] - base, 0) / 2**20, "slabs": result.report.n_slabs}))
 """
 
 
