@@ -8,7 +8,7 @@ setup(
     description="Fast 3D cell segmentation with a 3D UNet (torch / ONNX Runtime / TensorRT) for BisQue",
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "export", "export.*", "wrapper", "wrapper.*", "benchmarks"]),
-    package_data={"engine": ["py.typed", "default_bundle/*.json", "default_bundle/*.pt"]},
+    package_data={"engine": ["py.typed", "default_bundle/*.json", "default_bundle/*.pt", "default_bundle/*.onnx"]},
     install_requires=["numpy>=1.24", "scipy>=1.10", "scikit-image>=0.21", "tifffile>=2023.7", "torch>=2.1", "tqdm"],
     extras_require={
         "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnxconverter-common>=1.14"],

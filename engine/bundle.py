@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .atomic import atomic_write, atomic_write_bytes
 from .errors import BundleError
 from .models import build_model, model_divisor
 
@@ -278,17 +278,7 @@ def load_state_dict(model: nn.Module, path: Path, /) -> None:
 
 def write_bundle_json(bundle: Bundle, /) -> Path:
     """Write ``bundle.json`` atomically (temporary file + rename) and return its path."""
-    target = bundle.path / "bundle.json"
-    fd, tmp = tempfile.mkstemp(dir=bundle.path, prefix=".bundle.", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(bundle.to_json(), fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write_bytes(bundle.path / "bundle.json", (json.dumps(bundle.to_json(), indent=2) + "\n").encode())
 
 
 def make_bundle(checkpoint: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str], /, *, template: Bundle) -> Bundle:
@@ -307,13 +297,6 @@ def make_bundle(checkpoint: str | os.PathLike[str] | None, out_dir: str | os.Pat
     if checkpoint is not None:
         load_state_dict(model, Path(checkpoint))
     out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".pt.tmp")
-    os.close(fd)
-    try:
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, out / "model.pt")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(out / "model.pt", lambda tmp: torch.save(model.state_dict(), tmp))
     write_bundle_json(bundle)
     return load_bundle(out)

@@ -12,9 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ import numpy as np
 import tifffile
 from numpy.typing import NDArray
 
+from .atomic import atomic_target, atomic_write
 from .errors import InputError
 
 __all__ = [
@@ -266,29 +264,6 @@ def open_volume(path: str | os.PathLike[str], /, *, channel: int | None = None, 
     except BaseException:
         tif.close()
         raise
-
-
-@contextmanager
-def atomic_target(path: str | os.PathLike[str], /) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on a clean exit rename it to ``path``, else delete it."""
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise InputError(f"{target}: folder {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write(path: str | os.PathLike[str], write: Any, /) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    with atomic_target(path) as tmp:
-        write(str(tmp))
-    return Path(path)
 
 
 def _imagej_kwargs(voxel: tuple[float, float, float] | None, axes: str) -> dict[str, Any]:

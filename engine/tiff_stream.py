@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import queue
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +19,8 @@ import numpy as np
 import tifffile
 from numpy.typing import NDArray
 
-from .errors import InputError
-from .io import _imagej_kwargs, atomic_write
+from .atomic import atomic_write, temp_beside
+from .io import _imagej_kwargs
 
 __all__ = ["BIGTIFF_BYTES", "write_labels_stream", "ProbabilityWriter"]
 
@@ -95,11 +94,7 @@ class ProbabilityWriter:
         self, path: str | os.PathLike[str], /, *, shape: tuple[int, int, int, int], voxel_size_um: tuple[float, float, float] | None
     ) -> None:
         self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise InputError(f"{self.path}: folder {self.path.parent} does not exist")
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._tmp = temp_beside(self.path)
         self._shape = shape
         self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None

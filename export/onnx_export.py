@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +26,7 @@ import onnxruntime as ort
 import torch
 from numpy.typing import NDArray
 
+from engine.atomic import atomic_write_bytes
 from engine.backends.engine_key import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, sha256_file
 from engine.bundle import Bundle
 from engine.errors import InputError
@@ -112,15 +111,7 @@ def check_and_serialize(proto: onnx.ModelProto, path: Path, /) -> bytes:
 
 def write_model(path: Path, data: bytes, /) -> str:
     """Write ``data`` to ``path`` atomically; returns its sha256."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is read by other users (e.g. in an image)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
     return sha256_file(path)
 
 

@@ -15,13 +15,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_bytes
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, BundleError
 
@@ -307,24 +307,13 @@ def read_plan(record: PlanRecord, /) -> bytes:
     return data
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_plan(directory: Path, key: EngineKey, plan: bytes, /, *, meta: dict[str, Any]) -> PlanRecord:
     """Write ``<stem>.plan`` and ``<stem>.json`` (key, sha256, ``meta``) atomically; returns the record."""
     directory.mkdir(parents=True, exist_ok=True)
     plan_path = directory / f"{key.stem()}{PLAN_SUFFIX}"
     doc = {**meta, "key": key.to_json(), "plan_sha256": hashlib.sha256(plan).hexdigest(), "plan_bytes": len(plan)}
-    _atomic_write(plan_path, plan)
-    _atomic_write(plan_path.with_suffix(".json"), (json.dumps(doc, indent=2) + "\n").encode())
+    atomic_write_bytes(plan_path, plan)
+    atomic_write_bytes(plan_path.with_suffix(".json"), (json.dumps(doc, indent=2) + "\n").encode())
     return PlanRecord(plan_path=plan_path, json_path=plan_path.with_suffix(".json"), key=key, meta=doc)
 
 

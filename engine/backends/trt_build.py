@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_write_bytes
 from ..bundle import Bundle
 from ..errors import BundleError, InputError
 from .engine_key import INPUT_NAME, Host, Profile
@@ -124,14 +123,7 @@ def _save_timing_cache(config: Any, path: Path | None) -> None:
         return
     data = bytes(memoryview(config.get_timing_cache().serialize()))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def build_serialized_plan(trt: ModuleType, onnx_path: Path, profile: Profile, /, *, settings: BuildSettings) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,12 @@ def test_probabilities_round_trip(tmp_path: Path) -> None:
     path = write_probabilities(tmp_path / "p.tif", probs)
     back = read_volume(path, channels=2)
     np.testing.assert_array_equal(back.data, probs)
+
+
+def test_written_files_get_the_umask_permissions_not_mkstemps_private_ones(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = write_labels(tmp_path / "l.tif", np.ones((2, 3, 3), np.uint32))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
