@@ -31,7 +31,7 @@ from .fitting import BackoffRunner, fit_tiling
 from .normalize import normalization_stats
 from .progress import PROGRESS_UNITS, Progress, ProgressTracker
 from .stitch import FileLabelStore, MemoryLabelStore, SlabLabeler
-from .streaming import ArraySource, Source, StreamTimings, plan_slabs, stream, volume_stats
+from .streaming import ArraySource, Source, StreamTimings, plan_slabs, prefetched, stream, volume_stats
 from .tiff_stream import ProbabilityWriter, write_labels_stream
 from .tiling import SlabGrid, TilingConfig
 
@@ -316,7 +316,7 @@ def _finish(
         with _timed(report, "postprocess"):
             final = labeler.finish()
         report.n_cells, report.orphan_seeds = final.n_cells, labeler.orphan_seeds
-        chunks = store.relabel(final.lut, chunk=max(1, labeler.depth))
+        chunks = prefetched(store.relabel(final.lut, chunk=max(1, labeler.depth)))
         with _timed(report, "write"):
             if outputs.output_path is None:
                 for _ in chunks:

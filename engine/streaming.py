@@ -38,7 +38,9 @@ from .progress import ProgressTracker
 from .stitch import SlabLabeler
 from .tiling import SlabGrid, TilingConfig, sliding_window_slabs
 
-__all__ = ["SlabPlan", "plan_slabs", "Source", "ArraySource", "volume_stats", "normalize_with", "stream", "StreamTimings"]
+__all__ = [
+    "SlabPlan", "plan_slabs", "Source", "ArraySource", "volume_stats", "normalize_with", "stream", "StreamTimings", "prefetched",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -370,3 +372,30 @@ def _infer(
         emit((z0, host))
         waited += time.perf_counter() - before
     timings.add("infer", max(0.0, time.perf_counter() - start - waited))
+
+
+def prefetched(items: Iterator[Any], /, *, depth: int = 2) -> Iterator[Any]:
+    """``items``, produced on a background thread up to ``depth`` ahead (e.g. relabelling the next label
+    planes while the current ones are compressed). The producer's exception is raised here."""
+    pipe = _Pipeline()
+    q = pipe.channel(depth)
+    end = object()
+
+    def produce() -> None:
+        for item in items:
+            pipe.put(q, item)
+        pipe.put(q, end)
+
+    pipe.start("cellseg3d-prefetch", produce)
+    try:
+        while True:
+            try:
+                item = pipe.get(q)
+            except _Stopped:
+                break
+            if item is end:
+                break
+            yield item
+    finally:
+        pipe.stop.set()
+        pipe.join()

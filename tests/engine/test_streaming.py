@@ -341,3 +341,19 @@ def test_cli_streams_with_slab_flags(tmp_path, bundles, stacks, capsys) -> None:
     assert tifffile.imread(out).shape == (52, 48, 56)
     assert main([*argv[:-1], "--slab-depth", "0"]) == 2
     assert "slab depth must be >= 1" in capsys.readouterr().err
+
+
+def test_prefetched_keeps_order_and_raises_the_producers_error() -> None:
+    from engine.streaming import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("producer failed")
+
+    with pytest.raises(ValueError, match="producer failed"):
+        list(prefetched(failing()))
+    early = prefetched(iter(range(1000)))
+    assert next(early) == 0
+    early.close()  # stops the producer thread
