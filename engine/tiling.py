@@ -5,6 +5,11 @@ border, so no padding is needed unless the volume is smaller than a patch). Each
 a gaussian importance map divided by the summed weights of all patches covering the voxel (known from the
 plan before any model runs), and accumulated on the device that ran the model. The blend is exact: an
 identity model returns its input to float32 precision.
+
+:func:`sliding_window_slabs` runs the same whole-volume plan a group of patch rows at a time, reading only
+the planes a group needs and yielding planes as soon as no later patch touches them: every voxel blends
+the same patches in the same order, so given the same per-patch predictions the streamed result is bit for
+bit the whole-volume one.
 """
 
 from __future__ import annotations
