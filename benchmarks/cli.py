@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from engine.cli import parse_shape
 from engine.errors import InputError
 
 __all__ = ["register", "build_parser", "run"]
@@ -26,17 +27,6 @@ def _sizes(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _patch(text: str) -> tuple[int, int, int]:
-    parts = text.replace("x", ",").split(",")
-    try:
-        values = tuple(int(v) for v in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X integers, got {text!r}") from None
-    if len(values) != 3 or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected 3 positive integers Z,Y,X, got {text!r}")
-    return (values[0], values[1], values[2])
-
-
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action="store_true", help="benchmark the CUDA backends and run the peers on the GPU")
     p.add_argument("--sizes", type=_sizes, default=None,
@@ -51,7 +41,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: the shipped bundle when installed (else the reference); reference: the issue's random UNet3D f_maps 16, 4 levels")
     p.add_argument("--bundle", type=Path, default=None, help="benchmark this bundle directory instead of --model")
     p.add_argument("--keep-labels", action="store_true", help="keep every run's label TIFF in OUT/labels")
-    p.add_argument("--peer-patch", type=_patch, default=(64, 128, 128),
+    p.add_argument("--peer-patch", type=parse_shape, default=(64, 128, 128),
                    help="patch the peers run with (MONAI's roi_size), Z,Y,X (default: 64,128,128, the issue's reference)")
 
 

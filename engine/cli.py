@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "parse_shape"]
 
 logger = logging.getLogger("engine")
 
@@ -25,7 +25,8 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 
-def _shape(text: str) -> tuple[int, int, int]:
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """argparse type for ``Z,Y,X`` (or ``ZxYxX``) positive integers; plug-in CLIs use it too."""
     parts = text.replace("x", ",").split(",")
     try:
         values = tuple(int(p) for p in parts)
@@ -48,7 +49,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     run = p.add_argument_group("inference")
     run.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="inference backend")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="arithmetic precision")
-    run.add_argument("--patch", type=_shape, default=None, help="patch Z,Y,X (default: the bundle's)")
+    run.add_argument("--patch", type=parse_shape, default=None, help="patch Z,Y,X (default: the bundle's)")
     run.add_argument("--overlap", type=float, default=None, help="patch overlap fraction (default: the bundle's)")
     run.add_argument("--batch", type=int, default=None, help="patches per batch (default: 1 on CPU, fitted to the free memory on CUDA)")
     run.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
@@ -76,7 +77,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("output", type=Path, help="image TIFF to write; the labels go to <stem>_labels.tif beside it")
     p.add_argument("--kind", choices=("membrane", "nuclei"), default="membrane", help="membrane-stained tissue or nuclei")
-    p.add_argument("--shape", type=_shape, default=(64, 256, 256), help="Z,Y,X in voxels")
+    p.add_argument("--shape", type=parse_shape, default=(64, 256, 256), help="Z,Y,X in voxels")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same volume)")
     p.add_argument("--dtype", choices=("uint8", "uint16"), default="uint16", help="image pixel type")
     p.set_defaults(func=_cmd_sample)
@@ -101,7 +102,7 @@ def _add_bundle(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch-kwargs", type=json.loads, default={}, help='constructor options as JSON, e.g. \'{"f_maps": 16}\'')
     p.add_argument("--output-kind", choices=("boundary", "foreground"), default="boundary", help="what the output channel holds")
     p.add_argument("--output-channel", type=int, default=0, help="output channel of that probability")
-    p.add_argument("--patch", type=_shape, default=(64, 128, 128), help="recommended patch Z,Y,X")
+    p.add_argument("--patch", type=parse_shape, default=(64, 128, 128), help="recommended patch Z,Y,X")
     p.add_argument("--normalization", choices=("percentile", "zscore"), default="percentile", help="input normalization")
     p.add_argument("--name", default=None, help="bundle name (default: the folder name)")
     p.set_defaults(func=_cmd_bundle)
