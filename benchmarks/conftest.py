@@ -42,7 +42,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def bench_context(request: pytest.FixtureRequest) -> Iterator[Context]:
     import torch
 
-    from benchmarks.measure import flops_per_voxel, machine_peak
+    from benchmarks.measure import flops_per_voxel, machine_peaks
     from engine.backends.torch_backend import default_threads
 
     gpu = request.config.getoption("--bench-gpu")
@@ -52,7 +52,7 @@ def bench_context(request: pytest.FixtureRequest) -> Iterator[Context]:
     work = scratch_dir()
     bundle, _origin = bench_bundle(work, prefer_default=request.config.getoption("--bench-model") == "default")
     device = torch.device("cuda" if gpu else "cpu")
-    peaks = {p: machine_peak(device, p) for p in ("fp32", "bf16", "fp16") if p != "fp16" or gpu}
+    peaks = machine_peaks(device)
     fpv = flops_per_voxel(bundle.build_model(), in_channels=bundle.in_channels, patch_shape=bundle.patch_shape)
     (work / "labels").mkdir()
     yield Context(bundle=bundle, device=device, flops_per_voxel=fpv, peaks=peaks, out_dir=work / "labels",

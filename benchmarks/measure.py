@@ -22,11 +22,15 @@ from numpy.typing import NDArray
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from engine.backends.torch_backend import cpu_has_native_bf16
 from engine.bundle import Bundle
 from engine.metrics import foreground_dice
 from engine.postprocess import interior_probability
 
-__all__ = ["TimedNetwork", "flops_per_voxel", "machine_peak", "foreground_mask", "mask_dice", "synchronize"]
+__all__ = [
+    "TimedNetwork", "flops_per_voxel", "machine_peak", "machine_peaks", "native_precisions", "foreground_mask", "mask_dice",
+    "synchronize",
+]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -75,6 +79,19 @@ def machine_peak(device: torch.device, precision: str, /, *, size: int | None = 
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2.0 * n**3 / best / 1e9
+
+
+def native_precisions(device: torch.device, /) -> tuple[str, ...]:
+    """The precisions ``device`` computes in hardware: on a CPU without AVX512-BF16/AMX, bf16 is emulated (a
+    2048 matmul takes ~60 s instead of 0.3 s), so it is neither a peak nor a row worth timing there."""
+    if device.type == "cuda":
+        return ("fp32", "bf16", "fp16")
+    return ("fp32", "bf16") if cpu_has_native_bf16() else ("fp32",)
+
+
+def machine_peaks(device: torch.device, /) -> dict[str, float]:
+    """:func:`machine_peak` for each of :func:`native_precisions`."""
+    return {p: machine_peak(device, p) for p in native_precisions(device)}
 
 
 @dataclass

@@ -33,7 +33,7 @@ from engine.tiling import fit_patch_shape
 
 from . import peers
 from .cases import Case, fitted_patch, largest_patch
-from .measure import TimedNetwork, mask_dice
+from .measure import TimedNetwork, mask_dice, native_precisions
 
 __all__ = ["Method", "Context", "default_methods", "run_method"]
 
@@ -97,11 +97,19 @@ class Context:
 
 
 def default_methods(*, gpu: bool) -> list[Method]:
-    """Every method that makes sense on this host (unavailable ones are still listed, and skipped with the reason)."""
-    from engine.backends import BACKEND_ORDER
-    from engine.backends.torch_backend import cpu_has_native_bf16
+    """Every method that makes sense on this host (unavailable ones are still listed, and skipped with the reason).
 
-    methods: list[Method] = []
+    Names are unique by construction (a row whose name is already taken, such as ``monai {fast}`` when the
+    fast precision is fp32, is the same run and is not added twice).
+    """
+    from engine.backends import BACKEND_ORDER
+
+    device = torch.device("cuda" if gpu else "cpu")
+    methods: dict[str, Method] = {}
+
+    def add(method: Method) -> None:
+        methods.setdefault(method.name, method)
+
     for name in BACKEND_ORDER:
         on_gpu = name.endswith(("cuda", "gpu")) or name == "tensorrt"
         if on_gpu != gpu:
@@ -111,23 +119,24 @@ def default_methods(*, gpu: bool) -> list[Method]:
         except CellSegError:
             precisions = ("fp32",)
         for precision in precisions:
-            methods.append(Method(f"engine {name} {precision}", "engine", name, precision))
-    fast = "fp16" if gpu else ("bf16" if cpu_has_native_bf16() else "fp32")
+            add(Method(f"engine {name} {precision}", "engine", name, precision))
+    fast = "fp16" if gpu else native_precisions(device)[-1]
     fast_backend = "torch-cuda" if gpu else "torch-cpu"
     for mode in ("peer", "fit", "slab"):
-        methods.append(Method(f"engine {fast_backend} {fast} {mode}-patch", "engine", fast_backend, fast, patch=mode))  # type: ignore[arg-type]
-    for m in list(methods):
+        add(Method(f"engine {fast_backend} {fast} {mode}-patch", "engine", fast_backend, fast, patch=mode))  # type: ignore[arg-type]
+    for m in list(methods.values()):
         if m.patch == "bundle":
-            methods.append(Method(f"model {m.backend} {m.precision}", "model", m.backend, m.precision))
-    dev = "cuda" if gpu else "cpu"
-    methods += [
+            add(Method(f"model {m.backend} {m.precision}", "model", m.backend, m.precision))
+    dev = device.type
+    for method in (
         Method("monai fp32", "peer", dev, "fp32", peer="monai", patch="peer"),
         Method(f"monai {fast}", "peer", dev, fast, peer="monai", patch="peer"),
         Method("monai fp32 bundle-patch", "peer", dev, "fp32", peer="monai", patch="bundle"),
         Method("pytorch-3dunet fp32", "peer", dev, "fp32", peer="pytorch-3dunet", patch="peer"),
         Method("original-loop fp32", "peer", dev, "fp32", peer="original-loop"),
-    ]
-    return methods
+    ):
+        add(method)
+    return list(methods.values())
 
 
 class _TimedBackend:
@@ -294,6 +303,9 @@ def _peer_e2e(method: Method, case: Case, ctx: Context) -> dict[str, Any]:
 
 def unavailable_reason(method: Method) -> str | None:
     """Why ``method`` cannot run here, or None."""
+    on_gpu = method.backend in ("cuda", "tensorrt") or method.backend.endswith(("cuda", "gpu"))
+    if not on_gpu and method.precision not in native_precisions(torch.device("cpu")):
+        return f"{method.precision} is emulated on this CPU (no AVX512-BF16/AMX-BF16): minutes per patch, not a real run"
     if method.kind in ("engine", "model"):
         try:
             return backend_class(method.backend).unavailable_reason()

@@ -27,7 +27,7 @@ from engine.metrics import match_instances
 from engine.postprocess import label_cells
 
 from .cases import SIZES, bench_bundle, make_case, reference_probabilities, scratch_dir
-from .measure import flops_per_voxel, machine_peak
+from .measure import flops_per_voxel, machine_peaks, native_precisions
 from .methods import Context, default_methods, run_method
 
 __all__ = ["SuiteConfig", "run_suite", "machine_info"]
@@ -143,14 +143,14 @@ def _prepare_exports(bundle_dir: Path, gpu: bool, notes: list[str]) -> None:
 def _warm_up(bundle: Bundle, device: torch.device) -> None:
     """Run each precision once on a small input, so no row pays the libraries' one-time start-up (thread
     pools, kernel JIT); shape-specific set-up stays in every row, as in a real run."""
-    from engine.backends import BackendOptions, select_backend
+    from engine.backends import BackendOptions, backend_class, select_backend
 
     d = bundle.divisor
     x = torch.randn((1, bundle.in_channels, 2 * d, 4 * d, 4 * d), device=device)
     with torch.inference_mode():
         bundle.load_model().to(device)(x)
     name = "torch-cuda" if device.type == "cuda" else "torch-cpu"
-    for precision in ("fp16", "fp32") if device.type == "cuda" else ("bf16", "fp32") if cpu_has_native_bf16() else ("fp32",):
+    for precision in (p for p in ("fp16", "bf16", "fp32") if p in native_precisions(device) and p in backend_class(name).precisions):
         with select_backend(name, bundle, options=BackendOptions(precision=precision)) as backend:
             backend.run(x)
 
@@ -191,7 +191,7 @@ def run_suite(config: SuiteConfig, out_dir: Path, /, *, progress: Callable[[str]
             from engine.bundle import load_bundle
 
             bundle = load_bundle(bundle.path)
-        peaks = {p: machine_peak(device, p) for p in ("fp32", "bf16", "fp16") if p != "fp16" or config.gpu}
+        peaks = machine_peaks(device)
         fpv = flops_per_voxel(bundle.build_model(), in_channels=bundle.in_channels, patch_shape=bundle.patch_shape)
         doc: dict[str, Any] = {
             "machine": machine_info(device),
