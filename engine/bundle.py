@@ -98,6 +98,7 @@ class Bundle:
     overlap: float
     postprocess: PostprocessSpec
     voxel_size_um: tuple[float, float, float] | None = None
+    cell_diameter_voxels: tuple[float, float] | None = None
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
@@ -133,6 +134,7 @@ class Bundle:
             "normalization": asdict(self.normalization),
             "output": {**asdict(self.output), "names": list(self.output.names)},
             "voxel_size_um": list(self.voxel_size_um) if self.voxel_size_um else None,
+            "cell_diameter_voxels": list(self.cell_diameter_voxels) if self.cell_diameter_voxels else None,
             "patch_shape": list(self.patch_shape),
             "overlap": self.overlap,
             "postprocess": asdict(self.postprocess),
@@ -145,7 +147,7 @@ class Bundle:
 
 _TOP_KEYS = {
     "format_version", "name", "description", "architecture", "input", "normalization", "output",
-    "voxel_size_um", "patch_shape", "overlap", "postprocess", "training", "validation", "export",
+    "voxel_size_um", "cell_diameter_voxels", "patch_shape", "overlap", "postprocess", "training", "validation", "export",
 }
 
 
@@ -179,6 +181,12 @@ def _patch_shape(path: Path, value: Any, divisor: int) -> tuple[int, int, int]:
     return (value[0], value[1], value[2])
 
 
+def _diameter_range(value: Any) -> bool:
+    numbers = isinstance(value, (list, tuple)) and len(value) == 2
+    numbers = numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return bool(numbers and 0 < value[0] <= value[1])
+
+
 def parse_bundle(doc: dict[str, Any], path: Path) -> Bundle:
     """Validate a ``bundle.json`` document (``path`` is the bundle directory, used in messages)."""
     where = path / "bundle.json"
@@ -194,6 +202,9 @@ def parse_bundle(doc: dict[str, Any], path: Path) -> Bundle:
     model = build_model(arch["name"], kwargs)
     output = _section(where, doc, "output", OutputSpec, {"kind": OUTPUT_KINDS})
     voxel = doc.get("voxel_size_um")
+    diameter = doc.get("cell_diameter_voxels")
+    if diameter is not None and not _diameter_range(diameter):
+        raise BundleError(f"{where}: 'cell_diameter_voxels' must be [low, high] with 0 < low <= high, or null, got {diameter!r}")
     overlap = doc.get("overlap", 0.25)
     if not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
         raise BundleError(f"{where}: 'overlap' must be >= 0 and < 1, got {overlap!r}")
@@ -210,6 +221,7 @@ def parse_bundle(doc: dict[str, Any], path: Path) -> Bundle:
         overlap=float(overlap),
         postprocess=_section(where, doc, "postprocess", PostprocessSpec, {"method": POSTPROCESS_METHODS}),
         voxel_size_um=tuple(float(v) for v in voxel) if voxel else None,  # type: ignore[arg-type]
+        cell_diameter_voxels=(float(diameter[0]), float(diameter[1])) if diameter is not None else None,
         training=dict(doc.get("training", {})),
         validation=dict(doc.get("validation", {})),
         export=dict(doc.get("export", {})),

@@ -11,6 +11,7 @@ the volume (see :class:`SegmentResult` for what the result holds in that case).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import time
@@ -31,7 +32,8 @@ from .fitting import BackoffRunner, fit_tiling
 from .normalize import normalization_stats
 from .progress import PROGRESS_UNITS, Progress, ProgressTracker
 from .stitch import FileLabelStore, MemoryLabelStore, SlabLabeler
-from .streaming import ArraySource, Source, StreamTimings, plan_slabs, prefetched, stream, volume_stats
+from .scale import ScalePlan, ScaledRun, plan_for_source
+from .streaming import ArraySource, Source, StreamTimings, normalize_with, plan_slabs, prefetched, stream, volume_stats
 from .tiff_stream import ProbabilityWriter, write_labels_stream
 from .tiling import SlabGrid, TilingConfig
 
@@ -60,6 +62,10 @@ class SegmentOptions:
             the available memory).
         progress_unit: ``patch`` or ``voxel``, what ``progress(done, total)`` counts (see
             :mod:`engine.progress`).
+        voxel_size_um: ``(z, y, x)`` of the input in µm, overriding the file's (None: the file's, if any).
+        cell_diameter: typical cell diameter, µm when the voxel size is known, else xy voxels (None:
+            estimated from the data, see :mod:`engine.scale`).
+        rescale: ``auto`` (run the network at the model's cell size and voxel grid) or ``off`` (as is).
     """
 
     backend: str = "auto"
@@ -75,6 +81,9 @@ class SegmentOptions:
     halo: int | None = None
     memory_limit_gib: float | None = None
     progress_unit: str = "patch"
+    voxel_size_um: tuple[float, float, float] | None = None
+    cell_diameter: float | None = None
+    rescale: str = "auto"
 
 
 @dataclass
@@ -105,6 +114,7 @@ class RunReport:
     orphan_seeds: int = 0
     oom_retries: int = 0
     fit: str = ""
+    scale: str = ""
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -121,7 +131,7 @@ class RunReport:
         slabs = f" slabs={self.n_slabs}x{self.slab_depth}+halo{self.halo}" if self.n_slabs > 1 else ""
         return (
             f"{self.n_cells} cells | backend={self.backend} precision={self.precision} device={self.device} "
-            f"patch={patch} batch={self.batch_size} patches={self.n_patches}{slabs} | {stages} wall={self.wall_s:.2f}s | "
+            f"patch={patch} batch={self.batch_size} patches={self.n_patches}{slabs} | {self.scale} | {stages} wall={self.wall_s:.2f}s | "
             f"{self.voxels_per_second / 1e6:.2f} Mvoxel/s peak RSS {self.peak_rss_mb:.0f} MB"
         )
 
@@ -174,22 +184,53 @@ def _check_options(options: SegmentOptions) -> None:
         raise InputError(f"slab depth must be >= 1 plane, got {options.slab_depth}")
     if options.halo is not None and options.halo < 0:
         raise InputError(f"halo must be >= 0 planes, got {options.halo}")
+    if options.rescale not in ("auto", "off"):
+        raise InputError(f"rescale must be 'auto' or 'off', got {options.rescale!r}")
 
 
-def _tiling(bundle: Bundle, options: SegmentOptions, shape: tuple[int, int, int], backend: Backend) -> tuple[TilingConfig, str]:
-    """Patch and batch: the caller's, else fitted to the device (:func:`engine.fitting.fit_tiling`)."""
+def _tiling(
+    bundle: Bundle, options: SegmentOptions, shape: tuple[int, int, int], backend: Backend, scale: ScalePlan
+) -> tuple[TilingConfig, str, tuple[int, int, int]]:
+    """Patch and batch: the caller's, else fitted to the device (:func:`engine.fitting.fit_tiling`), on the
+    model's grid; returns the tiling on the input grid, where it came from, and the model patch."""
     k = len(bundle.output.names)
-    padded_plane = lambda patch: max(shape[1], patch[1]) * max(shape[2], patch[2])  # noqa: E731
+    model_shape = scale.model_shape(shape)
+    padded_plane = lambda patch: max(model_shape[1], patch[1]) * max(model_shape[2], patch[2])  # noqa: E731
     fit = fit_tiling(
-        bundle, backend, shape, patch_shape=options.patch_shape, batch_size=options.batch_size,
+        bundle, backend, model_shape, patch_shape=options.patch_shape, batch_size=options.batch_size,
         reserve_bytes=lambda patch: 4.0 * (k + 1) * patch[0] * padded_plane(patch),
     )
     config = TilingConfig(
-        patch_shape=fit.patch_shape,
+        patch_shape=scale.input_patch(fit.patch_shape, shape),
         overlap=bundle.overlap if options.overlap is None else options.overlap,
         batch_size=fit.batch_size,
     )
-    return config, fit.source
+    return config, fit.source, fit.patch_shape
+
+
+def _scale(source: Source, stats: list[tuple[float, float]], bundle: Bundle, options: SegmentOptions,
+           voxel_size_um: tuple[float, float, float] | None, backend: Backend) -> ScalePlan:
+    """The zoom to the model's grid (:mod:`engine.scale`), estimated through ``backend`` when needed."""
+    voxel = options.voxel_size_um or voxel_size_um
+    if options.rescale == "off":
+        return ScalePlan((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), "rescaling off", voxel)
+
+    def read_crop(box: tuple[slice, slice, slice]) -> np.ndarray:
+        return normalize_with(source.read(box[0].start, box[0].stop)[:, :, box[1], box[2]], stats)
+
+    return plan_for_source(
+        read_crop, shape=tuple(source.shape[1:]), bundle=bundle, run=backend.run, device=backend.device,  # type: ignore[arg-type]
+        voxel_size_um=voxel, cell_diameter=options.cell_diameter,
+    )
+
+
+def _scaled_spec(spec: PostprocessSpec, scale: ScalePlan) -> PostprocessSpec:
+    """``label_threshd`` (model voxels) counted in input voxels; ``min_dist`` stays in model voxels (the
+    labeller measures it with the scale's sampling)."""
+    if scale.identity:
+        return spec
+    per_voxel = scale.zoom[0] * scale.zoom[1] * scale.zoom[2]
+    return replace(spec, label_threshd=max(1, round(spec.label_threshd / per_voxel)))
 
 
 def _as_czyx(volume: np.ndarray, channels: int) -> np.ndarray:
@@ -267,24 +308,31 @@ def _run(
             backend_options = BackendOptions(precision=options.precision, threads=options.threads)
             backend = select_backend(options.backend, bundle, options=backend_options)
     try:
+        with _timed(report, "scale"):
+            scale = _scale(source, stats, bundle, options, voxel_size_um, backend)
+        spec = _scaled_spec(spec, scale)
         with _timed(report, "load"):
-            tiling, report.fit = _tiling(bundle, options, (z, y, x), backend)
+            tiling, report.fit, model_patch = _tiling(bundle, options, (z, y, x), backend, scale)
         k = len(bundle.output.names)
         memory = int(options.memory_limit_gib * 2**30) if options.memory_limit_gib else None
+        halo = options.halo
+        if halo is None and not scale.identity and spec.method != "components":
+            halo = max(8, math.ceil(2 * spec.min_dist / scale.zoom[0]))
         plan = plan_slabs(
-            (c, z, y, x), grid_config=tiling, out_channels=k, spec=spec, depth=options.slab_depth, halo=options.halo,
+            (c, z, y, x), grid_config=tiling, out_channels=k, spec=spec, depth=options.slab_depth, halo=halo,
             memory_bytes=memory, keep_outputs=outputs.output_path is None, device_type=backend.device.type,
         )
         grid = SlabGrid((z, y, x), tiling, plan.rows_per_group)
         report.backend, report.precision, report.device = backend.name, backend.precision, backend.device_name
-        report.patch_shape, report.n_patches = tiling.patch_shape, grid.n_patches
+        report.patch_shape, report.n_patches, report.scale = tiling.patch_shape, grid.n_patches, scale.describe()
         report.slab_depth, report.halo, report.n_slabs = plan.depth, plan.halo, plan.n_slabs(z)
         store, write_probs = outputs.open((k, z, y, x), streamed=report.n_slabs > 1)
-        sampling = tuple(v / min(voxel_size_um) for v in voxel_size_um) if voxel_size_um else None
         labeler = SlabLabeler(
-            (z, y, x), output=bundle.output, spec=spec, sampling=sampling, depth=plan.depth, halo=plan.halo, store=store
+            (z, y, x), output=bundle.output, spec=spec, sampling=scale.sampling, depth=plan.depth, halo=plan.halo,
+            store=store,
         )
-        runner = BackoffRunner(backend.run, batch_size=tiling.batch_size)
+        run = backend.run if scale.identity else ScaledRun(backend.run, model_patch)
+        runner = BackoffRunner(run, batch_size=tiling.batch_size)
         tracker = ProgressTracker(progress, unit=options.progress_unit, total_voxels=z * y * x)
         timings = StreamTimings()
         stream(
@@ -414,7 +462,7 @@ def segment_file(
     started = time.perf_counter()
     with io.open_volume(input_path, channel=channel, channels=bundle.in_channels) as reader:
         opened = time.perf_counter() - started
-        outputs = _Outputs(output_path=output_path, prob_path=prob_path, voxel_size_um=reader.voxel_size_um)
+        outputs = _Outputs(output_path=output_path, prob_path=prob_path, voxel_size_um=options.voxel_size_um or reader.voxel_size_um)
         result = _run(
             reader, bundle=bundle, options=options, voxel_size_um=reader.voxel_size_um, progress=progress,
             backend=backend, outputs=outputs,

@@ -36,10 +36,11 @@ from skimage.segmentation import relabel_sequential, watershed
 
 from .bundle import OutputSpec, PostprocessSpec
 
-__all__ = ["interior_probability", "label_cells"]
+__all__ = ["interior_probability", "label_cells", "clear_background"]
 
 TIE_BREAK = 1e-9  # rim order among equal boundary probabilities (float32 steps at membrane levels are >= 3e-8)
 EDT_BOUNDS = (8, 16)  # isotropic distance transform by bounded shifts first (exact when within the bound)
+BACKGROUND_WIDTH = 4.0  # model voxels: wider than any membrane; farther from every cell interior is background
 EDT_HALO = 16  # planes each distance-transform slab sees beyond its own (exactness is checked)
 
 
@@ -56,16 +57,17 @@ def interior_probability(probs: NDArray[np.float32], output: OutputSpec, /) -> N
     return (1.0 - channel) if output.kind == "boundary" else channel
 
 
-def _spaced(points: NDArray[np.intp], spacing: int) -> NDArray[np.intp]:
-    """Greedy thinning in order (strongest first): drop points closer than ``spacing`` (Chebyshev) to a kept one."""
+def _spaced(points: NDArray[np.intp], spacing: float, scale: NDArray[np.float64]) -> NDArray[np.intp]:
+    """Greedy thinning in order (strongest first): drop points closer than ``spacing`` (Chebyshev, each axis
+    measured in ``scale`` units per voxel) to a kept one."""
     keep: list[int] = []
     for i in range(len(points)):
-        if not keep or np.abs(points[keep] - points[i]).max(axis=1).min() >= spacing:
+        if not keep or (np.abs(points[keep] - points[i]) * scale).max(axis=1).min() >= spacing - 1e-9:
             keep.append(i)
     return points[keep]
 
 
-def _object_peaks(image: np.ndarray, own: NDArray[np.bool_], size: int, threshold: float) -> NDArray[np.intp]:
+def _object_peaks(image: np.ndarray, own: NDArray[np.bool_], size: tuple[int, ...], threshold: float) -> NDArray[np.intp]:
     """Peaks of ``image`` inside ``own`` (one object's box), as ``peak_local_max`` finds them, strongest first."""
     bg = np.finfo(image.dtype).min
     img = np.where(own, image, bg)
@@ -81,9 +83,20 @@ def _object_peaks(image: np.ndarray, own: NDArray[np.bool_], size: int, threshol
     return np.transpose(coords)[order]
 
 
-def _peaks(distance: NDArray[np.floating], components: NDArray[np.integer], min_dist: int) -> NDArray[np.intp]:
-    """``peak_local_max(distance, min_distance=min_dist, labels=components, exclude_border=False)``."""
-    size = 2 * min_dist + 1
+def _footprint(min_dist: int, sampling: Sequence[float] | None, /) -> tuple[int, int, int]:
+    """Maximum-filter size per axis for seeds ``min_dist`` apart, in units of ``sampling`` (voxels when None)."""
+    scale = sampling or (1.0, 1.0, 1.0)
+    sides = [2 * max(1, round(min_dist / float(s))) + 1 for s in scale]
+    return (sides[0], sides[1], sides[2])
+
+
+def _peaks(
+    distance: NDArray[np.floating], components: NDArray[np.integer], min_dist: int, sampling: Sequence[float] | None = None
+) -> NDArray[np.intp]:
+    """``peak_local_max(distance, min_distance=min_dist, labels=components, exclude_border=False)``, with
+    ``min_dist`` measured in ``sampling`` units on each axis (voxels when None)."""
+    size = _footprint(min_dist, sampling)
+    scale = np.asarray(sampling or (1.0, 1.0, 1.0), dtype=np.float64)
     threshold = float(distance.min())
     found = []
     for index, box in enumerate(ndimage.find_objects(components)):
@@ -91,7 +104,7 @@ def _peaks(distance: NDArray[np.floating], components: NDArray[np.integer], min_
             continue
         points = _object_peaks(distance[box], components[box] == index + 1, size, threshold)
         if min_dist > 1 and len(points) > 1:
-            points = _spaced(points, min_dist)
+            points = _spaced(points, min_dist, scale)
         found.append(points + np.array([s.start for s in box]))
     return np.vstack(found) if found else np.empty((0, distance.ndim), dtype=np.intp)
 
@@ -173,7 +186,7 @@ def _seeds(
     """
     distance = _distance(mask, sampling, threads)
     components, _ = ndimage.label(mask)
-    peaks = _peaks(distance, components, max(1, int(min_dist)))
+    peaks = _peaks(distance, components, max(1, int(min_dist)), sampling)
     peak_mask = np.zeros(mask.shape, dtype=bool)
     peak_mask[tuple(peaks.T)] = True
     markers, _ = ndimage.label(peak_mask)
@@ -276,6 +289,25 @@ def _flood(image: np.ndarray, markers: NDArray[np.int32], components: NDArray[np
     return np.where(rest, flooded, descended).astype(np.int32, copy=False)
 
 
+def clear_background(
+    labels: NDArray[np.integer], interior: NDArray[np.bool_], /, *, sampling: Sequence[float] | None, threads: int
+) -> None:
+    """Set to 0, in place, the voxels farther than :data:`BACKGROUND_WIDTH` from every cell interior.
+
+    A boundary model marks membranes and, where it was trained on tissue with background around it, the
+    background too; the flood would hand that background to the nearest cells. Membranes are a few voxels
+    wide, so whatever lies deeper in the not-interior region is not a cell.
+
+    Args:
+        labels: ``(Z, Y, X)`` flooded labels, changed in place.
+        interior: ``(Z, Y, X)`` the thresholded cell interior.
+        sampling: voxel size in model voxels (see :func:`label_cells`), or None.
+        threads: threads for the distance transform.
+    """
+    far = _slab_distance(~interior, sampling, threads) > BACKGROUND_WIDTH
+    labels[far] = 0
+
+
 def _drop_small(labels: np.ndarray, min_size: int) -> NDArray[np.uint32]:
     """Remove objects under ``min_size`` voxels and renumber the rest 1..n."""
     labels = labels.astype(np.uint32, copy=False)
@@ -304,7 +336,8 @@ def label_cells(
         probs: ``(K, Z, Y, X)`` float32 network output on the host.
         output: what the channels mean.
         spec: method, threshold, min_dist, label_threshd.
-        sampling: relative voxel size ``(z, y, x)`` for the distance transform; isotropic when None.
+        sampling: voxel size ``(z, y, x)`` in the units of ``spec.min_dist`` (the model's voxels, see
+            :mod:`engine.scale`) for the distance transform and the seed spacing; isotropic voxels when None.
         threads: threads for the distance transform (None: every core this process may use).
 
     Returns:
@@ -319,6 +352,7 @@ def label_cells(
     markers, components, distance = _seeds(mask, spec.min_dist, sampling, workers)
     if output.kind == "boundary":
         labels = _flood(probs[output.channel], markers, components, confined=False)
+        clear_background(labels, mask, sampling=sampling, threads=workers)
     else:
         labels = _flood(-distance, markers, components, confined=True)
     return _drop_small(labels, spec.label_threshd)

@@ -43,6 +43,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from .bundle import OutputSpec, PostprocessSpec
+from .postprocess import clear_background
 
 __all__ = ["SlabLabeler", "FinalLabels", "MemoryLabelStore", "FileLabelStore", "UnionFind"]
 
@@ -293,7 +294,7 @@ class SlabLabeler:
         mask = self._mask(image)
         distance = _slab_distance(mask, self.sampling, threads)
         components, _ = ndimage.label(mask)
-        peaks = _peaks(distance, components, max(1, int(self.spec.min_dist)))
+        peaks = _peaks(distance, components, max(1, int(self.spec.min_dist)), self.sampling)
         seeds = np.zeros(mask.shape, dtype=bool)
         seeds[tuple(peaks.T)] = True
         seeds[: c0 - w0] = False  # below the core, the seeds registered by earlier cores stand
@@ -306,6 +307,7 @@ class SlabLabeler:
         components = components.astype(np.int32, copy=False)
         if self.output.kind == "boundary":
             flooded = _flood(image, markers, components, confined=False, threads=threads)
+            clear_background(flooded, mask, sampling=self.sampling, threads=threads)
         else:
             flooded = _flood(-distance, markers, components, confined=True, threads=threads)
         del distance, components

@@ -22,11 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from engine.bundle import Normalization
 from engine.normalize import normalize
+from engine.scale import resample
 from engine.synthetic import make_membrane_volume
+from engine.tissue import TissueSettings, make_tissue_volume
 
 __all__ = [
     "TRAIN_SEED_BASE",
@@ -60,6 +64,11 @@ class DataSettings:
     offset: tuple[float, float] = (-0.15, 0.15)
     gamma: tuple[float, float] = (0.6, 1.6)
     noise_sigma: tuple[float, float] = (0.0, 0.08)
+    p_tissue: float = 0.0
+    tissue_diameter: tuple[float, float] = (8.0, 24.0)
+    tissue_photons: tuple[float, float] = (10.0, 500.0)
+    tissue_z_steps: tuple[int, ...] = (1, 1, 2, 3, 4)
+    p_dome: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -85,9 +94,33 @@ def boundary_target(labels: NDArray[np.integer], /) -> NDArray[np.uint8]:
     return mask.astype(np.uint8)
 
 
+def _tissue_volume(seed: int, settings: DataSettings, rng: np.random.Generator) -> TrainVolume:
+    """A volume of ``engine.tissue`` with every factor drawn wide, as the engine shows it to the model: a
+    z-stepped stack is resampled to an isotropic grid (:func:`engine.scale.resample`, as at run time).
+    Outside the tissue (dome background) the target is 1, so the model marks it as not-cell."""
+    z_step = int(rng.choice(settings.tissue_z_steps))
+    tissue = TissueSettings(
+        cell_diameter=float(rng.uniform(*settings.tissue_diameter)), size_spread=float(rng.uniform(0.0, 0.4)),
+        warp=float(rng.uniform(0.0, 0.35)), z_step=z_step, membrane=str(rng.choice(["thin", "double", "double", "thick"])),  # type: ignore[arg-type]
+        patchiness=float(rng.uniform(0.0, 0.8)), dome=bool(rng.random() < settings.p_dome),
+        photons=float(np.exp(rng.uniform(np.log(settings.tissue_photons[0]), np.log(settings.tissue_photons[1])))),
+    )
+    shape = settings.volume_shape
+    vol = make_tissue_volume((max(8, -(-shape[0] // z_step)), shape[1], shape[2]), seed=seed, settings=tissue)
+    image = normalize(vol.image[np.newaxis].astype(np.float32), NORMALIZATION)
+    grown = resample(torch.from_numpy(image)[None], shape)[0, 0].numpy()
+    labels = torch.from_numpy(vol.labels.astype(np.int64))[None, None].float()
+    labels_up = F.interpolate(labels, size=shape, mode="nearest")[0, 0].numpy().astype(np.uint32)
+    target = boundary_target(labels_up)
+    target[labels_up == 0] = 1
+    return TrainVolume(image=np.ascontiguousarray(grown, dtype=np.float32), target=target, seed=seed)
+
+
 def make_train_volume(seed: int, settings: DataSettings, /) -> TrainVolume:
-    """The training volume for ``seed``: generator settings are drawn from the seed itself."""
+    """The training volume for ``seed``: generator and settings are drawn from the seed itself."""
     rng = np.random.default_rng([seed, 17])
+    if settings.p_tissue > 0 and rng.random() < settings.p_tissue:
+        return _tissue_volume(seed, settings, rng)
     diameter = float(rng.uniform(*settings.diameter))
     scale = float(np.exp(rng.uniform(np.log(settings.voxel_scale[0]), np.log(settings.voxel_scale[1]))))
     dtype = "uint8" if rng.random() < settings.p_uint8 else "uint16"

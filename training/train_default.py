@@ -54,6 +54,7 @@ import json
 import logging
 import math
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool-size", type=int, default=defaults.pool_size, help="Default: %(default)s")
     parser.add_argument("--no-bf16", action="store_true", help="train in fp32 even where the CPU has bf16")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="Default: %(default)s")
+    parser.add_argument("--p-tissue", type=float, default=0.0,
+                        help="fraction of training volumes from engine.tissue (wide randomization). Default: %(default)s")
     parser.add_argument("--save-every", type=int, default=100, help="Default: %(default)s")
     parser.add_argument("--log-every", type=int, default=25, help="Default: %(default)s")
     return parser
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          pool_size=args.pool_size, bf16=not args.no_bf16, threads=args.threads)
-    settings = DataSettings()
+    settings = DataSettings(p_tissue=args.p_tissue)
     state = train(config, settings, args.checkpoint, save_every=args.save_every, log_every=args.log_every,
                   init=args.init)
     command = "python -m training.train_default " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command.strip(),
         "config": dataclasses.asdict(config),
         "bf16_autocast": state["bf16"],
-        "data": {**dataclasses.asdict(settings), "generator": "engine.synthetic.make_membrane_volume",
+        "data": {**dataclasses.asdict(settings), "generator": f"engine.synthetic.make_membrane_volume, engine.tissue.make_tissue_volume (p={settings.p_tissue})",
                  "train_seeds": f"{TRAIN_SEED_BASE}..{state['next_seed'] - 1}"},
         "target": "boundary: voxels with a 6-neighbour of another cell (2-voxel ridge on every interface)",
         "loss": "BCE + soft Dice",
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "init": state["init"] or None,
         "wall_time_s": round(state["elapsed_s"], 1),
         "final_loss": state["losses"][-1][1] if state["losses"] else None,
-        "machine": "2-core AMD EPYC (Zen 4, AVX512-BF16), torch " + torch.__version__.split("+")[0] + " CPU",
+        "machine": f"{os.cpu_count()}-core {platform.processor() or platform.machine()} (native bf16: {cpu_has_native_bf16()}), torch {torch.__version__}",
     }
     old = None
     if (args.bundle_out / "bundle.json").exists():

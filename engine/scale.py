@@ -1,0 +1,318 @@
+"""Scale: run the network at the cell size and voxel grid it was trained at, whatever the stack's.
+
+A model segments cells within a range of diameters on an isotropic grid (``Bundle.cell_diameter_voxels``,
+as :func:`chord_diameters` measures them on the model's own output); real stacks have z steps of 1-4x the xy
+pixel and cells from ~6 to ~40 voxels across. Measured on the shipped model: cells of 9-24 voxels on an
+isotropic grid segment best as they are (zooming them costs up to 0.08 F1), a 3x z step costs 0.4 F1 unless
+z is resampled (training/evaluate.py). :func:`plan_scale` finds
+the zoom per axis (model voxels per input voxel) from what is known, in this order:
+
+- the cell diameter option (µm with a voxel size, else xy voxels) and the voxel size (file or option): the
+  diameter in input voxels per axis follows directly;
+- otherwise the diameter is estimated from the data (:func:`estimate_cell_diameter`): the network runs on
+  a central crop, and the mean chord of the cell interiors along each axis gives the diameter per axis
+  (for cells of any convex-ish shape the mean chord along a random line is ``4 V / S``, 2/3 of a sphere's
+  diameter); a known voxel size fixes the z/xy ratio and only the overall size is estimated.
+
+The engine then resamples each patch to the model's grid on the device (:class:`ScaledRun`: linear where
+an axis grows, area-averaged where it shrinks), runs the network there and resamples the probabilities
+back to the patch's own grid, so tiling, blending, slabs and outputs stay on the input grid (output shape
+equals the input, always). Post-processing gets the input voxel's extent in model voxels as its distance
+sampling, so its parameters, in model voxels, stay relative to the cell size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+
+from .bundle import Bundle
+from .errors import InputError
+from .postprocess import interior_probability
+from .tiling import TilingConfig, fit_patch_shape, sliding_window
+
+__all__ = [
+    "SCALE_TOLERANCE", "ScalePlan", "ScaledRun", "plan_scale", "chord_diameters", "estimate_cell_diameter", "estimation_crop",
+    "plan_for_source", "resample",
+]
+
+SCALE_TOLERANCE = 0.15  # zooms within 15% of 1 run on the input grid as it is
+CHORD_TO_DIAMETER = 1.5  # mean chord of a sphere is 2/3 of its diameter (Cauchy: mean chord = 4 V / S)
+MIN_CHORDS = 30  # fewer interior chords along an axis than this: no estimate on that axis
+ESTIMATE_CROP = (48, 160, 160)  # model voxels of the estimation crop (one network pass on the CPU: ~1-2 s)
+ZOOM_RANGE = (1 / 8, 8.0)
+
+Diameters = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """How the input grid maps to the model's.
+
+    Attributes:
+        zoom: ``(z, y, x)`` model voxels per input voxel (2.0 on z: each input plane becomes two).
+        cell_diameter_voxels: the cells' diameter in input voxels along ``(z, y, x)``.
+        source: how the diameter was found, for the run report (e.g. ``estimated``, ``option``).
+        voxel_size_um: the input voxel size used, or None when unknown.
+    """
+
+    zoom: tuple[float, float, float]
+    cell_diameter_voxels: Diameters
+    source: str
+    voxel_size_um: tuple[float, float, float] | None = None
+
+    @property
+    def identity(self) -> bool:
+        """True when every axis is within :data:`SCALE_TOLERANCE` of the model's scale (no resampling)."""
+        return all(abs(z - 1.0) <= SCALE_TOLERANCE for z in self.zoom)
+
+    @property
+    def sampling(self) -> tuple[float, float, float] | None:
+        """An input voxel's extent in model voxels ``(z, y, x)`` (distance-transform sampling), or None."""
+        return None if self.identity else (1 / self.zoom[0], 1 / self.zoom[1], 1 / self.zoom[2])
+
+    def input_patch(self, model_patch: tuple[int, int, int], volume_shape: tuple[int, int, int], /) -> tuple[int, int, int]:
+        """The patch on the input grid that covers ``model_patch`` model voxels (at most the volume)."""
+        if self.identity:
+            return model_patch
+        sides = [max(1, min(v, round(p / z))) for p, z, v in zip(model_patch, self.zoom, volume_shape)]
+        return (sides[0], sides[1], sides[2])
+
+    def model_shape(self, shape: tuple[int, int, int], /) -> tuple[int, int, int]:
+        """``shape`` on the model's grid."""
+        if self.identity:
+            return shape
+        sides = [max(1, round(s * z)) for s, z in zip(shape, self.zoom)]
+        return (sides[0], sides[1], sides[2])
+
+    def describe(self) -> str:
+        """``scale=z2.00,y0.71,x0.71 (cells 7x20x20 vox, estimated)`` for the summary line."""
+        zoom = ",".join(f"{a}{z:.2f}" for a, z in zip("zyx", self.zoom))
+        cells = "x".join(f"{d:.0f}" for d in self.cell_diameter_voxels)
+        return f"scale={'none' if self.identity else zoom} (cells {cells} vox, {self.source})"
+
+
+def _zoom_for(diameter_range: tuple[float, float], diameters: Diameters) -> tuple[float, float, float]:
+    """Zoom that makes the cells isotropic, at their own xy size when it lies in ``diameter_range``, else at
+    the nearest end of it."""
+    lo, hi = ZOOM_RANGE
+    xy = math.sqrt(diameters[1] * diameters[2])
+    target = min(diameter_range[1], max(diameter_range[0], xy))
+    z, y, x = (min(hi, max(lo, target / d)) for d in diameters)
+    return (z, y, x)
+
+
+def plan_scale(
+    *,
+    diameter_range: tuple[float, float] | None,
+    voxel_size_um: tuple[float, float, float] | None,
+    cell_diameter: float | None,
+    estimate: Callable[[tuple[float, float, float]], Diameters | None],
+) -> ScalePlan:
+    """Choose the zoom per axis (see the module docstring for the order of the rules).
+
+    Args:
+        diameter_range: the cell diameters the model segments as they are, in its voxels
+            (``Bundle.cell_diameter_voxels``); None: the bundle does not say, and the input runs as it is.
+        voxel_size_um: ``(z, y, x)`` of the input, or None.
+        cell_diameter: µm when ``voxel_size_um`` is given, else xy voxels; None: estimate.
+        estimate: ``zoom -> (dz, dy, dx)`` cell diameters in input voxels measured with the network run at
+            ``zoom``, or None when the crop shows too few cells.
+
+    Raises:
+        InputError: a non-positive voxel size or diameter.
+    """
+    if voxel_size_um is not None and not all(v > 0 and math.isfinite(v) for v in voxel_size_um):
+        raise InputError(f"voxel size must be 3 positive numbers (z, y, x) in µm, got {voxel_size_um}")
+    if cell_diameter is not None and not (cell_diameter > 0 and math.isfinite(cell_diameter)):
+        raise InputError(f"cell diameter must be > 0, got {cell_diameter}")
+    if diameter_range is None:
+        return ScalePlan((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), "bundle has no cell diameter: no rescaling", voxel_size_um)
+    ratio = None if voxel_size_um is None else tuple(v / voxel_size_um[2] for v in voxel_size_um)
+    if cell_diameter is not None:
+        if voxel_size_um is not None:
+            diameters: Diameters = tuple(cell_diameter / v for v in voxel_size_um)  # type: ignore[assignment]
+            return ScalePlan(_zoom_for(diameter_range, diameters), diameters, "cell diameter option + voxel size", voxel_size_um)
+        xy_zoom = _zoom_for(diameter_range, (cell_diameter, cell_diameter, cell_diameter))[1]
+        measured = estimate((1.0, xy_zoom, xy_zoom))
+        dz = measured[0] if measured is not None else cell_diameter
+        diameters = (dz, cell_diameter, cell_diameter)
+        return ScalePlan(_zoom_for(diameter_range, diameters), diameters, "cell diameter option, z estimated", voxel_size_um)
+    guess: tuple[float, float, float] = (1.0, 1.0, 1.0) if ratio is None else (ratio[0], 1.0, 1.0)
+    diameters_or_none = _refine(diameter_range, guess, ratio, estimate)
+    if diameters_or_none is None:
+        source = "estimate failed (too few cells in the crop): model scale assumed"
+        fallback = tuple(math.sqrt(diameter_range[0] * diameter_range[1]) / g for g in guess)
+        return ScalePlan(guess, fallback, source, voxel_size_um)  # type: ignore[arg-type]
+    source = "estimated, z/xy from the voxel size" if ratio is not None else "estimated"
+    return ScalePlan(_zoom_for(diameter_range, diameters_or_none), diameters_or_none, source, voxel_size_um)
+
+
+def _refine(
+    diameter_range: tuple[float, float], guess: tuple[float, float, float], ratio: tuple[float, ...] | None,
+    estimate: Callable[[tuple[float, float, float]], Diameters | None],
+) -> Diameters | None:
+    """Two estimation passes: at ``guess``, then at the zoom the first pass implies (when it differs)."""
+    found: Diameters | None = None
+    zoom = guess
+    for _ in range(2):
+        measured = estimate(zoom)
+        if measured is None:
+            return found
+        if ratio is not None:  # the voxel size fixes the z/xy ratio: one overall size (xy voxels), from all axes
+            xy = float(np.exp(np.mean([np.log(d * r) for d, r in zip(measured, ratio)])))
+            measured = (xy / ratio[0], xy / ratio[1], xy / ratio[2])
+        found = measured
+        new = _zoom_for(diameter_range, measured)
+        if all(abs(n / z - 1.0) <= SCALE_TOLERANCE for n, z in zip(new, zoom)):
+            break
+        zoom = new
+    return found
+
+
+def resample(batch: torch.Tensor, size: tuple[int, int, int], /) -> torch.Tensor:
+    """``(N, C, Z, Y, X)`` -> ``(N, C, *size)``: linear on axes that grow, area-averaged on axes that shrink
+    (a thin membrane shrunk by sampling would be missed; averaging keeps its share of each voxel)."""
+    shape = tuple(batch.shape[2:])
+    if shape == size:
+        return batch
+    grown = tuple(max(s, t) for s, t in zip(shape, size))
+    if grown != shape:
+        batch = F.interpolate(batch, size=grown, mode="trilinear", align_corners=False)
+    if grown != size:
+        batch = F.adaptive_avg_pool3d(batch, size)
+    return batch
+
+
+class ScaledRun:
+    """A network ``run`` on the model's grid, called with patches on the input grid.
+
+    Args:
+        run: ``(N, C, *model_patch) -> (N, K, *model_patch)`` on the backend's device.
+        model_patch: the patch the network sees (multiples of its divisor).
+    """
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], model_patch: tuple[int, int, int]) -> None:
+        self.run, self.model_patch = run, model_patch
+
+    def __call__(self, batch: torch.Tensor, /) -> torch.Tensor:
+        size = (int(batch.shape[2]), int(batch.shape[3]), int(batch.shape[4]))
+        return resample(self.run(resample(batch, self.model_patch)), size).contiguous()
+
+
+def _runs(mask: NDArray[np.bool_], axis: int) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    """Lengths of the True runs along ``axis`` that end inside the array on both sides, and of all False runs
+    between two True runs (``(interior, membrane)`` chords when ``mask`` is the interior)."""
+    rows = np.moveaxis(mask, axis, -1).reshape(-1, mask.shape[axis]).astype(np.int8)
+    edges = np.diff(np.pad(rows, ((0, 0), (1, 1))), axis=1)
+    r_start, c_start = np.nonzero(edges == 1)
+    r_end, c_end = np.nonzero(edges == -1)
+    inside = (c_start > 0) & (c_end < mask.shape[axis])
+    interior = (c_end - c_start)[inside]
+    gaps = c_start[1:] - c_end[:-1]
+    same_row = (r_start[1:] == r_end[:-1]) & (gaps > 0)
+    return interior, gaps[same_row]
+
+
+def chord_diameters(interior: NDArray[np.bool_], /) -> Diameters | None:
+    """Cell diameter along ``(z, y, x)`` in voxels of ``interior`` (``(Z, Y, X)`` bool, the cells' inside).
+
+    Each axis: the mean interior chord plus the mean wall crossing (a cell's chord runs from wall centre to
+    wall centre), times 1.5 (sphere: mean chord = 2/3 diameter). None when an axis has under
+    :data:`MIN_CHORDS` complete chords.
+    """
+    out = []
+    for axis in range(3):
+        chords, walls = _runs(interior, axis)
+        if len(chords) < MIN_CHORDS:
+            return None
+        wall = float(np.median(walls)) if len(walls) else 0.0
+        out.append(CHORD_TO_DIAMETER * (float(np.mean(chords)) + wall))
+    return (out[0], out[1], out[2])
+
+
+def estimate_cell_diameter(
+    crop: NDArray[np.float32],
+    /,
+    *,
+    zoom: tuple[float, float, float],
+    infer: Callable[[torch.Tensor], torch.Tensor],
+    interior: Callable[[torch.Tensor], torch.Tensor],
+    threshold: float = 0.5,
+) -> Diameters | None:
+    """Cell diameters ``(dz, dy, dx)`` in the crop's voxels, measured on the network's output at ``zoom``.
+
+    Args:
+        crop: ``(C, Z, Y, X)`` normalized input on the host.
+        zoom: model voxels per crop voxel, per axis.
+        infer: ``(C, Z, Y, X)`` tensor on the model grid -> ``(K, Z, Y, X)`` probabilities (tiled inference).
+        interior: ``(K, Z, Y, X)`` probabilities -> ``(Z, Y, X)`` interior probability.
+        threshold: interior probability above which a voxel is inside a cell.
+    """
+    shape = crop.shape[1:]
+    size = tuple(max(1, round(s * z)) for s, z in zip(shape, zoom))
+    x = resample(torch.from_numpy(np.ascontiguousarray(crop))[None], size)[0]  # type: ignore[arg-type]
+    inside = (interior(infer(x)) > threshold).cpu().numpy()
+    found = chord_diameters(inside)
+    if found is None:
+        return None
+    d = tuple(f / z for f, z in zip(found, zoom))
+    return (d[0], d[1], d[2])
+
+
+def estimation_crop(shape: tuple[int, int, int], zoom: tuple[float, float, float], /) -> tuple[slice, slice, slice]:
+    """The central box of ``shape`` that is about :data:`ESTIMATE_CROP` model voxels at ``zoom``."""
+    box = []
+    for s, z, c in zip(shape, zoom, ESTIMATE_CROP):
+        n = min(s, max(1, round(c / z)))
+        start = (s - n) // 2
+        box.append(slice(start, start + n))
+    return (box[0], box[1], box[2])
+
+
+def plan_for_source(
+    read_crop: Callable[[tuple[slice, slice, slice]], NDArray[np.float32]],
+    /,
+    *,
+    shape: tuple[int, int, int],
+    bundle: Bundle,
+    run: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    voxel_size_um: tuple[float, float, float] | None,
+    cell_diameter: float | None,
+) -> ScalePlan:
+    """:func:`plan_scale` for a volume of ``shape``, estimating on central crops through the real network.
+
+    Args:
+        read_crop: ``(z, y, x)`` box -> ``(C, z, y, x)`` normalized float32 network input.
+        shape: the volume's ``(Z, Y, X)``.
+        bundle: the model (its cell diameter, patch, divisor, output meaning).
+        run: the backend's batch function.
+        device: where ``run`` computes.
+        voxel_size_um, cell_diameter: see :func:`plan_scale`.
+    """
+    k = len(bundle.output.names)
+
+    def estimate(zoom: tuple[float, float, float]) -> Diameters | None:
+        crop = read_crop(estimation_crop(shape, zoom))
+        model_crop = tuple(max(1, round(s * z)) for s, z in zip(crop.shape[1:], zoom))
+        patch = fit_patch_shape(model_crop, bundle.patch_shape, bundle.divisor)
+        config = TilingConfig(patch_shape=patch, overlap=bundle.overlap, batch_size=1)
+
+        def infer(x: torch.Tensor) -> torch.Tensor:
+            return sliding_window(x.numpy(), run, config=config, out_channels=k, device=device)
+
+        def inside(p: torch.Tensor) -> torch.Tensor:
+            return interior_probability(p, bundle.output)  # type: ignore[arg-type,return-value]
+
+        return estimate_cell_diameter(crop, zoom=zoom, infer=infer, interior=inside)
+
+    return plan_scale(
+        diameter_range=bundle.cell_diameter_voxels, voxel_size_um=voxel_size_um, cell_diameter=cell_diameter, estimate=estimate,
+    )
