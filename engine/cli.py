@@ -37,6 +37,17 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
+def _parse_voxel_size(text: str) -> tuple[float, float, float]:
+    """``"2,0.5,0.5"`` -> ``(2.0, 0.5, 0.5)`` (Z,Y,X in µm, each > 0)."""
+    try:
+        values = tuple(float(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Z,Y,X in µm, got {text!r}") from None
+    if len(values) != 3 or not all(v > 0 and v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected 3 positive numbers Z,Y,X in µm, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
 def _add_segment(sub: argparse._SubParsersAction) -> None:
     from .backends import BACKEND_CHOICES
 
@@ -53,14 +64,19 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--overlap", type=float, default=None, help="patch overlap fraction (default: the bundle's)")
     run.add_argument("--batch", type=int, default=None, help="patches per batch (default: 1 on CPU, fitted to the free memory on CUDA)")
     run.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+    scale = p.add_argument_group("scale (the network runs at the cell size and voxel grid it was trained at)")
+    scale.add_argument("--voxel-size", type=_parse_voxel_size, default=None, help="Z,Y,X in µm (default: the file's, if it says)")
+    scale.add_argument("--cell-diameter", type=float, default=None,
+                       help="typical cell diameter: µm with a voxel size, else xy voxels (default: estimated from the data)")
+    scale.add_argument("--rescale", choices=("auto", "off"), default="auto", help="off: run on the input grid as it is")
     big = p.add_argument_group("big stacks (streamed in z-slabs when the working set exceeds the memory limit)")
     big.add_argument("--memory-limit", type=float, default=None, help="host working-memory budget in GiB (default: 2, at most half the free memory)")
     big.add_argument("--slab-depth", type=int, default=None, help="planes per z-slab (default: from the memory limit)")
     big.add_argument("--halo", type=int, default=None, help="watershed halo planes on each side of a slab (default: max(8, 2*min-dist))")
     post = p.add_argument_group("post-processing (defaults from the bundle)")
     post.add_argument("--threshold", type=float, default=None, help="cell-interior probability threshold")
-    post.add_argument("--min-dist", type=int, default=None, help="minimum distance between watershed seeds (voxels)")
-    post.add_argument("--label-threshd", type=int, default=None, help="drop cells smaller than this (voxels)")
+    post.add_argument("--min-dist", type=int, default=None, help="minimum distance between watershed seeds (voxels at the model's scale)")
+    post.add_argument("--label-threshd", type=int, default=None, help="drop cells smaller than this (voxels at the model's scale)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_segment)
 
@@ -152,7 +168,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         backend=args.backend, precision=args.precision, patch_shape=args.patch, overlap=args.overlap,
         batch_size=args.batch, threads=args.threads, threshold=args.threshold, min_dist=args.min_dist,
         label_threshd=args.label_threshd, slab_depth=args.slab_depth, halo=args.halo,
-        memory_limit_gib=args.memory_limit, progress_unit="voxel",
+        memory_limit_gib=args.memory_limit, progress_unit="voxel", voxel_size_um=args.voxel_size,
+        cell_diameter=args.cell_diameter, rescale=args.rescale,
     )
     update, close = _progress_bar(not args.no_progress and sys.stderr.isatty())
     try:

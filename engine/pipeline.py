@@ -115,6 +115,7 @@ class RunReport:
     oom_retries: int = 0
     fit: str = ""
     scale: str = ""
+    voxel_size_um: tuple[float, float, float] | None = None
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -325,6 +326,7 @@ def _run(
         grid = SlabGrid((z, y, x), tiling, plan.rows_per_group)
         report.backend, report.precision, report.device = backend.name, backend.precision, backend.device_name
         report.patch_shape, report.n_patches, report.scale = tiling.patch_shape, grid.n_patches, scale.describe()
+        report.voxel_size_um = scale.voxel_size_um
         report.slab_depth, report.halo, report.n_slabs = plan.depth, plan.halo, plan.n_slabs(z)
         store, write_probs = outputs.open((k, z, y, x), streamed=report.n_slabs > 1)
         labeler = SlabLabeler(

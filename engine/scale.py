@@ -95,7 +95,8 @@ class ScalePlan:
         """``scale=z2.00,y0.71,x0.71 (cells 7x20x20 vox, estimated)`` for the summary line."""
         zoom = ",".join(f"{a}{z:.2f}" for a, z in zip("zyx", self.zoom))
         cells = "x".join(f"{d:.0f}" for d in self.cell_diameter_voxels)
-        return f"scale={'none' if self.identity else zoom} (cells {cells} vox, {self.source})"
+        known = f"cells {cells} vox, " if any(self.cell_diameter_voxels) else ""
+        return f"scale={'none' if self.identity else zoom} ({known}{self.source})"
 
 
 def _zoom_for(diameter_range: tuple[float, float], diameters: Diameters) -> tuple[float, float, float]:

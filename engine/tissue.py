@@ -22,6 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
+from skimage.measure import label as label_components
 from skimage.segmentation import relabel_sequential
 
 from .errors import InputError
@@ -90,22 +91,28 @@ def _cells(shape: tuple[int, int, int], s: TissueSettings, rng: np.random.Genera
     present = np.unique(nearest)
     lut = np.zeros(len(seeds), dtype=np.uint32)
     lut[present] = np.arange(1, len(present) + 1, dtype=np.uint32)
-    return _largest_pieces(lut[nearest])
+    return _merge_fragments(lut[nearest])
 
 
-def _largest_pieces(labels: NDArray[np.uint32]) -> NDArray[np.uint32]:
-    """Warping can cut a cell in two; each piece beyond a cell's largest becomes a cell of its own."""
-    out = np.zeros_like(labels)
-    next_id = 1
-    for index, box in enumerate(ndi.find_objects(labels)):
-        if box is None:
-            continue
-        own = labels[box] == index + 1
-        parts, count = ndi.label(own)
-        for part in range(1, count + 1):
-            out[box][parts == part] = next_id
-            next_id += 1
-    return out
+def _merge_fragments(labels: NDArray[np.uint32]) -> NDArray[np.uint32]:
+    """Warping and cropping leave loose bits of a cell apart from its main piece (down to single voxels); each
+    such voxel goes to the nearest voxel that is in its own cell's largest piece (or the background)."""
+    pieces = label_components(labels, connectivity=1, background=0)
+    piece_label = np.zeros(int(pieces.max()) + 1, dtype=labels.dtype)
+    piece_label[pieces.ravel()] = labels.ravel()
+    size = np.bincount(pieces.ravel())
+    order = np.lexsort((-size, piece_label))  # by label, each label's largest piece first
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = piece_label[order[1:]] != piece_label[order[:-1]]
+    keep = np.zeros(len(order), dtype=bool)
+    keep[order[first]] = True
+    keep[0] = True  # the background
+    loose = ~keep[pieces]
+    if loose.any():
+        nearest = ndi.distance_transform_edt(loose, return_distances=False, return_indices=True)
+        labels = labels[tuple(nearest)]
+    out, _, _ = relabel_sequential(labels)
+    return out.astype(np.uint32)
 
 
 def _membranes(labels: NDArray[np.uint32], kind: str) -> NDArray[np.bool_]:
@@ -145,7 +152,7 @@ def make_tissue_volume(shape: tuple[int, int, int], /, *, seed: int, settings: T
     labels = _cells(fine, settings, rng)
     if settings.dome:
         labels[~_dome(fine)] = 0
-        labels = _largest_pieces(labels)
+        labels = _merge_fragments(labels)
     n = int(labels.max())
     signal = rng.uniform(0.04, 0.12, n + 1).astype(np.float32)[labels]
     membrane = _membranes(labels, settings.membrane)
@@ -161,5 +168,4 @@ def make_tissue_volume(shape: tuple[int, int, int], /, *, seed: int, settings: T
     blurred *= np.float32(settings.photons / max(float(np.percentile(blurred, 99.5)), 1e-6))
     counts = rng.poisson(blurred).astype(np.float32) + rng.normal(0.0, 2.0, blurred.shape).astype(np.float32)
     image = np.clip(np.rint(counts * 8.0 + 100.0), 0, 65535).astype(np.uint16)
-    sampled, _, _ = relabel_sequential(labels[:: settings.z_step])
-    return TissueVolume(image=image, labels=sampled.astype(np.uint32), settings=settings, seed=seed)
+    return TissueVolume(image=image, labels=_merge_fragments(labels[:: settings.z_step]), settings=settings, seed=seed)

@@ -173,15 +173,6 @@ def _one_line(exc: BaseException, stage: str, secrets: Sequence[str]) -> str:
     return text[:600]
 
 
-def _voxel_size(result: Any, labels_path: Path) -> tuple[float, float, float] | None:
-    voxel = getattr(result.report, "voxel_size_um", None)  # not (yet) in RunReport: read it back from the labels
-    if voxel is None:
-        from engine.io import read_volume
-
-        voxel = read_volume(labels_path).voxel_size_um
-    return voxel
-
-
 def _metadata(result: Any, params: Params, bundle: Any, voxel: tuple[float, ...] | None,
               io_s: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The ``Metadata`` output: what ran, with which parameters, and the seconds per stage (``io_s``: the
@@ -234,8 +225,11 @@ class _Run:
             self._bundle = load_bundle(self.args.bundle)
         return self._bundle
 
-    def segment(self, image: Path, out_dir: Path, params: Params, progress: Any) -> tuple[Any, Path, Path, Any]:
-        """Segment ``image`` into ``out_dir``; returns (result, labels path, table path, voxel size)."""
+    def segment(self, image: Path, out_dir: Path, params: Params, progress: Any,
+                voxel_size_um: tuple[float, float, float] | None = None) -> tuple[Any, Path, Path, Any]:
+        """Segment ``image`` into ``out_dir`` (``voxel_size_um``: from the image's metadata, overriding the
+        file's: the image service re-encodes TIFFs without ImageJ spacing); returns (result, labels path,
+        table path, voxel size)."""
         from engine import SegmentOptions, segment_file
 
         bundle = self.bundle()
@@ -243,11 +237,11 @@ class _Run:
         stem = image.name.split(".")[0] or "image"
         labels_path, table_path = out_dir / f"{stem}_labels.tif", out_dir / f"{stem}_cells.csv"
         options = SegmentOptions(backend=self.args.backend, threshold=params.threshold, min_dist=params.min_dist,
-                                 label_threshd=params.label_threshd)
+                                 label_threshd=params.label_threshd, voxel_size_um=voxel_size_um)
         result = segment_file(image, labels_path, bundle=bundle, options=options, progress=progress)
         logger.info("%s: %s", image.name, result.report.summary())
         self.stage = "measuring cells"
-        return result, labels_path, table_path, _voxel_size(result, labels_path)
+        return result, labels_path, table_path, result.report.voxel_size_um
 
     def local(self, inputs: Sequence[str]) -> dict[str, Any]:
         """``--local``: segment a TIFF into ``--out-dir``; no BisQue."""
@@ -274,9 +268,10 @@ class _Run:
         fetched = fetch_resource(bq, params.resource_url, workdir, source=self.args.source)
         io_s = {"fetch": time.perf_counter() - started}
         mex.update("segmenting 0%")
-        result, labels_path, table_path, voxel = self.segment(fetched.path, workdir, params, mex.progress("segmenting"))
-        if voxel is None and fetched.kind == "image":
-            voxel = voxel_size_from_meta(bq, fetched.uniq)
+        meta_voxel = voxel_size_from_meta(bq, fetched.uniq) if fetched.kind == "image" else None
+        result, labels_path, table_path, voxel = self.segment(
+            fetched.path, workdir, params, mex.progress("segmenting"), voxel_size_um=meta_voxel
+        )
         write_cell_table_csv(table_path, cell_table(result.labels, voxel_size_um=voxel))
         self.stage = "uploading results"
         mex.update("uploading results")

@@ -63,3 +63,28 @@ def test_sample_then_score(tmp_path: Path, capsys) -> None:
     assert "F1@0.5=1.000" in capsys.readouterr().out
     assert main(["sample", str(tmp_path / "s.png")]) == 2
     assert main(["score", str(truth), str(image), "--iou", "0.5"]) == 0
+
+
+def test_voxel_size_and_cell_diameter_rescale(tiny_bundle, blob_tiff: Path, tmp_path: Path, capsys) -> None:
+    import dataclasses
+    import shutil
+
+    from engine.bundle import load_bundle, write_bundle_json
+
+    folder = tmp_path / "scaled_bundle"
+    shutil.copytree(tiny_bundle.path, folder)
+    write_bundle_json(dataclasses.replace(load_bundle(folder), cell_diameter_voxels=(9.0, 24.0)))
+    out = tmp_path / "l.tif"
+    args = ["segment", str(blob_tiff), "-o", str(out), "--bundle", str(folder), "--voxel-size", "3,1,1", "--cell-diameter", "12"]
+    assert main(args) == 0
+    line = capsys.readouterr().out.strip()
+    assert "scale=z3.00,y1.00,x1.00 (cells 4x12x12 vox, cell diameter option + voxel size)" in line
+    assert tifffile.imread(out).shape == (20, 40, 44)
+    assert main([*args[:4], "--bundle", str(folder), "--rescale", "off"]) == 0
+    assert "scale=none (rescaling off)" in capsys.readouterr().out
+
+
+def test_bad_voxel_size_exit_2() -> None:
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "segment", "x.tif", "-o", "y.tif", "--voxel-size", "0,1,1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "expected 3 positive numbers Z,Y,X in µm" in proc.stderr
