@@ -114,8 +114,7 @@ class RunReport:
     orphan_seeds: int = 0
     oom_retries: int = 0
     fit: str = ""
-    scale: str = ""
-    voxel_size_um: tuple[float, float, float] | None = None
+    scale: ScalePlan | None = None
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -130,11 +129,17 @@ class RunReport:
         stages = " ".join(f"{k}={v:.2f}s" for k, v in self.timings.items())
         patch = "x".join(map(str, self.patch_shape))
         slabs = f" slabs={self.n_slabs}x{self.slab_depth}+halo{self.halo}" if self.n_slabs > 1 else ""
+        scale = self.scale.describe() if self.scale else "scale=?"
         return (
             f"{self.n_cells} cells | backend={self.backend} precision={self.precision} device={self.device} "
-            f"patch={patch} batch={self.batch_size} patches={self.n_patches}{slabs} | {self.scale} | {stages} wall={self.wall_s:.2f}s | "
+            f"patch={patch} batch={self.batch_size} patches={self.n_patches}{slabs} | {scale} | {stages} wall={self.wall_s:.2f}s | "
             f"{self.voxels_per_second / 1e6:.2f} Mvoxel/s peak RSS {self.peak_rss_mb:.0f} MB"
         )
+
+    @property
+    def voxel_size_um(self) -> tuple[float, float, float] | None:
+        """The input's voxel size the run used (file or option), or None."""
+        return self.scale.voxel_size_um if self.scale else None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "voxels_per_second": self.voxels_per_second}
@@ -225,15 +230,6 @@ def _scale(source: Source, stats: list[tuple[float, float]], bundle: Bundle, opt
     )
 
 
-def _scaled_spec(spec: PostprocessSpec, scale: ScalePlan) -> PostprocessSpec:
-    """``label_threshd`` (model voxels) counted in input voxels; ``min_dist`` stays in model voxels (the
-    labeller measures it with the scale's sampling)."""
-    if scale.identity:
-        return spec
-    per_voxel = scale.zoom[0] * scale.zoom[1] * scale.zoom[2]
-    return replace(spec, label_threshd=max(1, round(spec.label_threshd / per_voxel)))
-
-
 def _as_czyx(volume: np.ndarray, channels: int) -> np.ndarray:
     if volume.ndim == 3 and channels == 1:
         volume = volume[np.newaxis]
@@ -311,7 +307,7 @@ def _run(
     try:
         with _timed(report, "scale"):
             scale = _scale(source, stats, bundle, options, voxel_size_um, backend)
-        spec = _scaled_spec(spec, scale)
+        spec = scale.postprocess(spec)
         with _timed(report, "load"):
             tiling, report.fit, model_patch = _tiling(bundle, options, (z, y, x), backend, scale)
         k = len(bundle.output.names)
@@ -325,8 +321,7 @@ def _run(
         )
         grid = SlabGrid((z, y, x), tiling, plan.rows_per_group)
         report.backend, report.precision, report.device = backend.name, backend.precision, backend.device_name
-        report.patch_shape, report.n_patches, report.scale = tiling.patch_shape, grid.n_patches, scale.describe()
-        report.voxel_size_um = scale.voxel_size_um
+        report.patch_shape, report.n_patches, report.scale = tiling.patch_shape, grid.n_patches, scale
         report.slab_depth, report.halo, report.n_slabs = plan.depth, plan.halo, plan.n_slabs(z)
         store, write_probs = outputs.open((k, z, y, x), streamed=report.n_slabs > 1)
         labeler = SlabLabeler(

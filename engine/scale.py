@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from .bundle import Bundle
+from .bundle import Bundle, PostprocessSpec
 from .errors import InputError
 from .postprocess import interior_probability
 from .tiling import TilingConfig, fit_patch_shape, sliding_window
@@ -90,6 +90,15 @@ class ScalePlan:
             return shape
         sides = [max(1, round(s * z)) for s, z in zip(shape, self.zoom)]
         return (sides[0], sides[1], sides[2])
+
+    def postprocess(self, spec: PostprocessSpec, /) -> PostprocessSpec:
+        """``spec`` (in model voxels) for labelling on the input grid with :attr:`sampling`: ``min_dist`` stays
+        in model voxels (the labeller measures it with the sampling), ``label_threshd`` is counted in input
+        voxels."""
+        if self.identity:
+            return spec
+        per_voxel = self.zoom[0] * self.zoom[1] * self.zoom[2]
+        return replace(spec, label_threshd=max(1, round(spec.label_threshd / per_voxel)))
 
     def describe(self) -> str:
         """``scale=z2.00,y0.71,x0.71 (cells 7x20x20 vox, estimated)`` for the summary line."""

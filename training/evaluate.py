@@ -2,7 +2,8 @@ r"""Accuracy of a bundle on held-out synthetic membrane volumes, as a markdown t
 
 Command (from the repository root; the shipped bundle by default)::
 
-    python -m training.evaluate [--bundle engine/default_bundle] [--json /tmp/eval.json] [--quick] [--record]
+    python -m training.evaluate [--bundle engine/default_bundle] [--old-bundle DIR] [--json /tmp/eval.json]
+                                [--quick] [--record]
 
 It segments, through ``engine.segment`` with the bundle's own settings, generated volumes whose seeds and
 shapes were never used for training or validation (``training/data.py``): three 64x256x256 volumes at
@@ -10,7 +11,9 @@ voxel_scale 1 (seeds 700-702), and one each at voxel_scale 0.75 and 1.5 (seeds 7
 robustness. For each it reports mean matched IoU, precision/recall/F1 at IoU 0.5 and the adapted Rand
 error (``engine.metrics.match_instances``). Finally it compares bf16 with fp32 on the first volume:
 the Dice of the foreground (cell-interior) masks and the largest probability difference; skipped where
-the CPU lacks native bf16. ``--quick`` uses 48x160x160 volumes. ``--record`` also writes the figures into
+the CPU lacks native bf16. Then the stress matrix (``training/stress.py``): one held-out volume of the second
+simulator per pushed factor, for this bundle, ``--old-bundle`` (rescaling off) and the classical baseline.
+``--quick`` uses 48x160x160 volumes (and smaller stress volumes). ``--record`` also writes the figures into
 the bundle's ``bundle.json`` (``validation.held_out_evaluation``).
 
 As a library::
@@ -40,6 +43,7 @@ from engine.postprocess import interior_probability
 from engine.synthetic import make_membrane_volume
 
 from .data import EVAL_SCALE_SEEDS, EVAL_SEEDS
+from .stress import format_stress, run_stress
 
 __all__ = [
     "Case", "default_cases", "score_case", "precision_agreement", "evaluate", "format_report", "held_out_record", "main",
@@ -163,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
     parser.add_argument("--quick", action="store_true", help="48x160x160 volumes instead of 64x256x256")
     parser.add_argument("--no-bf16-check", action="store_true", help="skip the bf16 vs fp32 comparison")
+    parser.add_argument("--old-bundle", type=Path, default=None, help="also score this bundle on the stress rows, rescaling off")
+    parser.add_argument("--no-stress", action="store_true", help="skip the stress matrix")
     parser.add_argument("--record", action="store_true",
                         help="write the figures into the bundle's bundle.json (validation.held_out_evaluation)")
     return parser
@@ -189,11 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(bundle, cases=default_cases(quick=args.quick), compare_precision=not args.no_bf16_check)
     command = f"python -m training.evaluate {' '.join(argv if argv is not None else sys.argv[1:])}".strip()
     print(format_report(report))
-    print(f"\n({report['wall_time_s']:.0f} s; {command})")
+    if not args.no_stress:
+        old = load_bundle(args.old_bundle) if args.old_bundle is not None else None
+        report["stress"] = run_stress(bundle, old_bundle=old, quick=args.quick)
+        print("\n" + format_stress(report["stress"]))
+    print(f"\n({report['wall_time_s']:.0f} s + stress {report.get('stress', {}).get('wall_time_s', 0):.0f} s; {command})")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.record:
         validation = {**bundle.validation, "held_out_evaluation": held_out_record(report, command=command)}
+        if "stress" in report:
+            validation["stress_evaluation"] = {"command": command, **report["stress"]}
         write_bundle_json(replace(bundle, validation=validation))
     return 0
 

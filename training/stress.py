@@ -77,7 +77,7 @@ def _scores(labels: np.ndarray, truth: np.ndarray, seconds: float) -> dict[str, 
 def _run_bundle(bundle: Bundle, image: np.ndarray, row: StressRow, options: SegmentOptions) -> tuple[np.ndarray, float, str]:
     started = time.perf_counter()
     result = segment(image, bundle=bundle, options=options, voxel_size_um=row.voxel_size_um)
-    return result.labels, time.perf_counter() - started, result.report.scale
+    return result.labels, time.perf_counter() - started, result.report.scale.describe()
 
 
 def run_stress(bundle: Bundle, /, *, old_bundle: Bundle | None = None, quick: bool = False) -> dict[str, Any]:

@@ -4,8 +4,9 @@ Command (from the repository root, after ``python -m training.train_default``)::
 
     python -m training.tune_postprocess [--bundle engine/default_bundle]
 
-The validation volumes (seeds 500-502, 48x160x160, voxel_scale 1, 0.75 and 1.5) are used by no training
-step and by no evaluation (``training/data.py``). The network runs once per volume, as ``engine.segment``
+The validation volumes (seeds 500-502, 48x160x160, voxel_scale 1, 0.75 and 1.5, and one ``engine.tissue``
+volume per stress row, seeds 950+) are used by no training step and by no evaluation (``training/data.py``,
+``training/stress.py``). The network runs once per volume, as ``engine.segment``
 runs it by default; then every ``threshold`` x ``min_dist`` of the grid is scored with
 ``engine.postprocess.label_cells`` (criterion: mean of F1@0.5 and mean matched IoU, averaged over the
 volumes), and then ``label_threshd`` at the best pair. The patch shape is the fastest of a few candidates
@@ -30,9 +31,11 @@ from engine.bundle import Bundle, PostprocessSpec, load_bundle, write_bundle_jso
 from engine.metrics import match_instances
 from engine.pipeline import SegmentOptions, segment
 from engine.postprocess import label_cells
+from engine.scale import ScalePlan
 from engine.synthetic import make_membrane_volume
 
 from .data import VALIDATION_SEEDS
+from .stress import BASELINE_SEED_BASE, stress_rows
 
 __all__ = ["THRESHOLDS", "MIN_DISTS", "LABEL_THRESHDS", "PATCH_CANDIDATES", "tune", "main"]
 
@@ -40,16 +43,18 @@ logger = logging.getLogger("training.tune_postprocess")
 
 VALIDATION_SHAPE = (48, 160, 160)
 VALIDATION_SCALES = (1.0, 0.75, 1.5)
-THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 # 12 and 16 exceed most cells' interior radius, so they come close to one seed per connected component of
 # the thresholded interior; larger values would only widen the streaming halo (2 * min_dist planes)
-MIN_DISTS = (3, 4, 5, 6, 8, 10, 12, 16)
+MIN_DISTS = (3, 4, 6, 8, 10)
 LABEL_THRESHDS = (5, 20, 50, 100)
 PATCH_CANDIDATES = ((32, 128, 128), (64, 128, 128), (64, 256, 256))
 
 
-def _score(probs: list[np.ndarray], truths: list[np.ndarray], bundle: Bundle, spec: PostprocessSpec) -> dict[str, Any]:
-    per = [match_instances(label_cells(p, output=bundle.output, spec=spec), t) for p, t in zip(probs, truths)]
+def _score(runs: list[tuple[np.ndarray, np.ndarray, ScalePlan]], bundle: Bundle, spec: PostprocessSpec) -> dict[str, Any]:
+    """Label each ``(probabilities, truth, scale)`` run with ``spec`` as the engine would, and score it."""
+    per = [match_instances(label_cells(p, output=bundle.output, spec=plan.postprocess(spec), sampling=plan.sampling), t)
+           for p, t, plan in runs]
     f1 = float(np.mean([s.f1 for s in per]))
     iou = float(np.mean([s.mean_matched_iou for s in per]))
     return {"f1": f1, "mean_matched_iou": iou, "objective": (f1 + iou) / 2,
@@ -68,23 +73,37 @@ def _patch_timings(bundle: Bundle) -> dict[str, float]:
     return timings
 
 
+def _validation_runs(bundle: Bundle) -> list[tuple[np.ndarray, np.ndarray, ScalePlan]]:
+    """The network's output on every validation volume, as ``engine.segment`` runs it by default: the
+    synthetic ones (``VALIDATION_SEEDS``) and one per stress row of ``engine.tissue`` (the seeds the classical
+    baseline is tuned on, ``training.stress.BASELINE_SEED_BASE``)."""
+    runs = []
+    for seed, scale in zip(VALIDATION_SEEDS, VALIDATION_SCALES):
+        vol = make_membrane_volume(VALIDATION_SHAPE, seed=seed, voxel_scale=scale)
+        result = segment(vol.image, bundle=bundle)
+        runs.append((result.probabilities, vol.labels, result.report.scale))
+    for i, row in enumerate(stress_rows(quick=True)):
+        vol = row.volume(BASELINE_SEED_BASE + i)
+        result = segment(vol.image, bundle=bundle, voxel_size_um=row.voxel_size_um)
+        runs.append((result.probabilities, vol.labels, result.report.scale))
+    return runs
+
+
 def tune(bundle: Bundle, /, *, measure_patches: bool = True) -> tuple[PostprocessSpec, tuple[int, int, int], dict[str, Any]]:
     """Best post-processing, patch shape and the validation record for ``bundle``."""
     started = time.perf_counter()
-    volumes = [make_membrane_volume(VALIDATION_SHAPE, seed=s, voxel_scale=v) for s, v in zip(VALIDATION_SEEDS, VALIDATION_SCALES)]
-    probs = [segment(v.image, bundle=bundle).probabilities for v in volumes]
-    truths = [v.labels for v in volumes]
+    runs = _validation_runs(bundle)
     grid = []
     for threshold, min_dist in itertools.product(THRESHOLDS, MIN_DISTS):
         spec = dataclasses.replace(bundle.postprocess, method="watershed", threshold=threshold, min_dist=min_dist)
-        result = _score(probs, truths, bundle, spec)
+        result = _score(runs, bundle, spec)
         grid.append({"threshold": threshold, "min_dist": min_dist, "f1": round(result["f1"], 4),
                      "mean_matched_iou": round(result["mean_matched_iou"], 4)})
         logger.info("threshold %.2f min_dist %d: F1 %.3f IoU %.3f", threshold, min_dist, result["f1"], result["mean_matched_iou"])
     best = max(grid, key=lambda g: (g["f1"] + g["mean_matched_iou"], -g["min_dist"]))
     specs = [dataclasses.replace(bundle.postprocess, method="watershed", threshold=best["threshold"],
                                  min_dist=best["min_dist"], label_threshd=n) for n in LABEL_THRESHDS]
-    scored = [(_score(probs, truths, bundle, s), s) for s in specs]
+    scored = [(_score(runs, bundle, s), s) for s in specs]
     best_result, best_spec = max(scored, key=lambda rs: (round(rs[0]["objective"], 4), rs[1].label_threshd))
     patch = bundle.patch_shape
     timings = _patch_timings(bundle) if measure_patches else {}
@@ -93,7 +112,8 @@ def tune(bundle: Bundle, /, *, measure_patches: bool = True) -> tuple[Postproces
         patch = tuple(int(v) for v in fastest.split("x"))  # type: ignore[assignment]
     record = {
         "command": "python -m training.tune_postprocess",
-        "volumes": [{"seed": s, "shape": list(VALIDATION_SHAPE), "voxel_scale": v} for s, v in zip(VALIDATION_SEEDS, VALIDATION_SCALES)],
+        "volumes": [{"seed": s, "shape": list(VALIDATION_SHAPE), "voxel_scale": v} for s, v in zip(VALIDATION_SEEDS, VALIDATION_SCALES)]
+        + [{"tissue_row": r.name, "seed": BASELINE_SEED_BASE + i, "shape": list(r.shape)} for i, r in enumerate(stress_rows(quick=True))],
         "criterion": "mean over volumes of (F1@0.5 + mean matched IoU) / 2",
         "grid": grid,
         "label_threshd": {str(s.label_threshd): round(r["objective"], 4) for r, s in scored},

@@ -145,7 +145,7 @@ def test_rescaled_run_keeps_the_input_grid_and_streams_alike(bundle) -> None:
     opts = SegmentOptions(backend="torch-cpu", precision="fp32", voxel_size_um=(3.0, 1.0, 1.0), cell_diameter=14.0)
     whole = segment(image, bundle=bundle, options=opts)
     assert whole.labels.shape == image.shape and whole.probabilities.shape[1:] == image.shape
-    assert "z3.00" in whole.report.scale and "option" in whole.report.scale
+    assert "z3.00" in whole.report.scale.describe() and "option" in whole.report.scale.source
     ids = np.unique(whole.labels)
     assert ids[0] == 0 and np.array_equal(ids[1:], np.arange(1, whole.report.n_cells + 1))
     slabbed = segment(image, bundle=bundle, options=SegmentOptions(**{**opts.__dict__, "slab_depth": 8}))
