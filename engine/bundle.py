@@ -75,12 +75,19 @@ class PostprocessSpec:
         threshold: interior probability above which a voxel is inside a cell.
         min_dist: minimum distance in voxels between two watershed seeds.
         label_threshd: cells smaller than this many voxels are dropped.
+        merge_threshold: boundary models, watershed: merge touching regions while the mean boundary
+            probability on their shared faces is below this (average-linkage agglomeration,
+            :mod:`engine.agglomerate`); None: no merging.
+        merge_min_size: with ``merge_threshold``, regions under this many voxels then join their
+            weakest-boundary neighbour.
     """
 
     method: Literal["watershed", "components"] = "watershed"
     threshold: float = 0.5
     min_dist: int = 10
     label_threshd: int = 10
+    merge_threshold: float | None = None
+    merge_min_size: int = 0
 
 
 @dataclass(frozen=True)

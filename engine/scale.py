@@ -10,7 +10,8 @@ the zoom per axis (model voxels per input voxel) from what is known, in this ord
 - the cell diameter option (µm with a voxel size, else xy voxels) and the voxel size (file or option): the
   diameter in input voxels per axis follows directly;
 - otherwise the diameter is estimated from the data (:func:`estimate_cell_diameter`): the network runs on
-  a central crop, and the mean chord of the cell interiors along each axis gives the diameter per axis
+  a central crop (at the first guess, at twice its zoom to catch cells too small to show their walls at
+  the model's scale, then at the implied zoom; the smallest credible measurement wins, see ``_refine``), and the mean chord of the cell interiors along each axis gives the diameter per axis
   (for cells of any convex-ish shape the mean chord along a random line is ``4 V / S``, 2/3 of a sphere's
   diameter); a known voxel size fixes the z/xy ratio and only the overall size is estimated.
 
@@ -93,12 +94,13 @@ class ScalePlan:
 
     def postprocess(self, spec: PostprocessSpec, /) -> PostprocessSpec:
         """``spec`` (in model voxels) for labelling on the input grid with :attr:`sampling`: ``min_dist`` stays
-        in model voxels (the labeller measures it with the sampling), ``label_threshd`` is counted in input
-        voxels."""
+        in model voxels (the labeller measures it with the sampling), ``label_threshd`` and ``merge_min_size``
+        are counted in input voxels."""
         if self.identity:
             return spec
         per_voxel = self.zoom[0] * self.zoom[1] * self.zoom[2]
-        return replace(spec, label_threshd=max(1, round(spec.label_threshd / per_voxel)))
+        return replace(spec, label_threshd=max(1, round(spec.label_threshd / per_voxel)),
+                       merge_min_size=round(spec.merge_min_size / per_voxel))
 
     def describe(self) -> str:
         """``scale=z2.00,y0.71,x0.71 (cells 7x20x20 vox, estimated)`` for the summary line."""
@@ -164,26 +166,55 @@ def plan_scale(
     return ScalePlan(_zoom_for(diameter_range, diameters_or_none), diameters_or_none, source, voxel_size_um)
 
 
+def _measure(
+    estimate: Callable[[tuple[float, float, float]], Diameters | None], zoom: tuple[float, float, float], ratio: tuple[float, ...] | None
+) -> Diameters | None:
+    measured = estimate(zoom)
+    if measured is None or ratio is None:
+        return measured
+    # the voxel size fixes the z/xy ratio: one overall size (xy voxels), from all axes
+    xy = float(np.exp(np.mean([np.log(d * r) for d, r in zip(measured, ratio)])))
+    return (xy / ratio[0], xy / ratio[1], xy / ratio[2])
+
+
+def _xy(d: Diameters) -> float:
+    return math.sqrt(d[1] * d[2])
+
+
 def _refine(
     diameter_range: tuple[float, float], guess: tuple[float, float, float], ratio: tuple[float, ...] | None,
     estimate: Callable[[tuple[float, float, float]], Diameters | None],
 ) -> Diameters | None:
-    """Two estimation passes: at ``guess``, then at the zoom the first pass implies (when it differs)."""
-    found: Diameters | None = None
-    zoom = guess
-    for _ in range(2):
-        measured = estimate(zoom)
-        if measured is None:
-            return found
-        if ratio is not None:  # the voxel size fixes the z/xy ratio: one overall size (xy voxels), from all axes
-            xy = float(np.exp(np.mean([np.log(d * r) for d, r in zip(measured, ratio)])))
-            measured = (xy / ratio[0], xy / ratio[1], xy / ratio[2])
-        found = measured
-        new = _zoom_for(diameter_range, measured)
-        if all(abs(n / z - 1.0) <= SCALE_TOLERANCE for n, z in zip(new, zoom)):
-            break
-        zoom = new
-    return found
+    """Measure at ``guess``, at twice its zoom, and at the zoom the smaller of the two implies; keep the
+    smallest credible measurement.
+
+    A network that cannot see the walls of cells too small for it merges them, and merged cells look
+    larger, so a measurement errs large, not small. A measurement is credible when the cells it found are,
+    at the zoom it was made at, within the model's range (up to 1.5x its top: beyond that a network may
+    see walls inside a cell).
+    """
+    taken: list[tuple[Diameters, tuple[float, float, float]]] = []
+    for zoom in (guess, (2 * guess[0], 2 * guess[1], 2 * guess[2])):
+        found = _measure(estimate, zoom, ratio)
+        if found is not None:
+            taken.append((found, zoom))
+    if not taken:
+        return None
+    best = _smallest_credible(taken, diameter_range)
+    new = _zoom_for(diameter_range, best[0])
+    if any(abs(n / z - 1.0) > SCALE_TOLERANCE for n, z in zip(new, best[1])):
+        again = _measure(estimate, new, ratio)
+        if again is not None:
+            best = _smallest_credible([*taken, (again, new)], diameter_range)
+    return best[0]
+
+
+def _smallest_credible(
+    taken: list[tuple[Diameters, tuple[float, float, float]]], diameter_range: tuple[float, float]
+) -> tuple[Diameters, tuple[float, float, float]]:
+    lo, hi = diameter_range[0], 1.5 * diameter_range[1]
+    credible = [t for t in taken if lo <= _xy(t[0]) * math.sqrt(t[1][1] * t[1][2]) <= hi]
+    return min(credible, key=lambda t: _xy(t[0])) if credible else taken[0]
 
 
 def resample(batch: torch.Tensor, size: tuple[int, int, int], /) -> torch.Tensor:

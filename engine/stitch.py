@@ -43,6 +43,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from .bundle import OutputSpec, PostprocessSpec
+from .agglomerate import EdgeTable, agglomerate
 from .postprocess import clear_background
 
 __all__ = ["SlabLabeler", "FinalLabels", "MemoryLabelStore", "FileLabelStore", "UnionFind"]
@@ -211,12 +212,16 @@ class SlabLabeler:
         self.ids = UnionFind()
         self.sizes = np.zeros(1024, dtype=np.int64)
         self.orphan_seeds = 0
+        self.merged_regions = 0
         self.cores_done = 0
         self._chunks: list[tuple[int, NDArray[np.float32]]] = []
         self._received = 0
         self._last_plane: NDArray[np.int64] | None = None  # components: ids of the previous core's last plane
         self._registry = np.zeros((4, 0), dtype=np.int64)  # watershed: z, y, x, id of registered seed voxels
         self._pending = np.zeros((4, 0), dtype=np.int64)  # watershed: seed voxels seen in an upper halo
+        merging = spec.method == "watershed" and spec.merge_threshold is not None and output.kind == "boundary"
+        self.edges = EdgeTable() if merging else None  # region graph for the agglomeration at finish()
+        self._edge_plane: tuple[NDArray[np.uint32], NDArray[np.float32]] | None = None
 
     @property
     def n_cores(self) -> int:
@@ -312,6 +317,8 @@ class SlabLabeler:
             flooded = _flood(-distance, markers, components, confined=True, threads=threads)
         del distance, components
         core = lut.astype(np.uint32)[flooded[c0 - w0 : c1 - w0]]
+        if self.edges is not None:
+            self._add_edges(self.edges, core, image[c0 - w0 : c1 - w0])
         z, y, x = np.nonzero(seeds)
         ids = lut[markers[z, y, x]]
         z = z + w0
@@ -322,6 +329,25 @@ class SlabLabeler:
         upper = (z >= c1) & np.isin(ids, np.unique(core))
         self._pending = np.stack([z[upper], y[upper], x[upper], ids[upper]])
         return core
+
+    def _add_edges(self, edges: EdgeTable, core: NDArray[np.uint32], boundary: NDArray[np.float32]) -> None:
+        """The core's faces, and those to the previous core's last plane, into the region graph."""
+        edges.add_piece(core, boundary)
+        if self._edge_plane is not None:
+            edges.add_between(self._edge_plane[0], self._edge_plane[1], core[0], boundary[0])
+        self._edge_plane = (core[-1].copy(), boundary[-1].copy())
+
+    def _merge_regions(self, edges: EdgeTable, threshold: float) -> None:
+        """Average-linkage agglomeration over the whole volume's region graph (ids joined across cores)."""
+        roots = self.ids.roots()
+        sizes = np.bincount(roots, weights=self.sizes[: len(roots)].astype(np.float64), minlength=len(roots))
+        graph = edges.remapped(lambda ids: roots[ids])
+        nodes = {n for pair in graph.sums for n in pair}
+        merges = agglomerate(graph, {n: int(sizes[n]) for n in nodes}, threshold=threshold, min_size=self.spec.merge_min_size)
+        self.merged_regions = len(merges)
+        if merges:
+            pairs = np.array(merges, dtype=np.int64)
+            self.ids.union(pairs[:, 0], pairs[:, 1])
 
     def _marker_ids(self, markers: NDArray[np.int32], n: int, registry: NDArray[np.int64], w0: int) -> NDArray[np.int64]:
         """Global id of each window marker: the registered id it contains, else a new one (in marker order)."""
@@ -352,6 +378,8 @@ class SlabLabeler:
         """
         if self.cores_done < self.n_cores:
             raise ValueError(f"only {self._received} of {self.shape[0]} planes arrived")
+        if self.edges is not None and self.spec.merge_threshold is not None:
+            self._merge_regions(self.edges, self.spec.merge_threshold)
         roots = self.ids.roots()
         sizes = np.bincount(roots, weights=self.sizes[: len(roots)].astype(np.float64), minlength=len(roots))
         keep = sizes >= max(1, self.spec.label_threshd)

@@ -60,9 +60,17 @@ def test_no_metadata_estimates_and_refines() -> None:
         return (5.0, 14.0, 14.0)
 
     plan = plan_scale(diameter_range=RANGE, voxel_size_um=None, cell_diameter=None, estimate=estimate)
-    assert calls[0] == (1.0, 1.0, 1.0) and calls[1] == pytest.approx((2.8, 1.0, 1.0)) and len(calls) == 2
+    assert calls == [(1.0, 1.0, 1.0), (2.0, 2.0, 2.0), pytest.approx((2.8, 1.0, 1.0))]
     assert plan.zoom == pytest.approx((2.8, 1.0, 1.0)) and plan.source == "estimated"
     assert "z2.80" in plan.describe()
+
+
+def test_small_cells_found_by_the_2x_probe_win() -> None:
+    def estimate(zoom):  # noqa: ANN001, ANN202 - a network that merges cells under 9 voxels: they look 14 wide
+        return (14.0, 14.0, 14.0) if zoom[1] < 1.5 else (6.0, 6.0, 6.0)
+
+    plan = plan_scale(diameter_range=RANGE, voxel_size_um=None, cell_diameter=None, estimate=estimate)
+    assert plan.cell_diameter_voxels == (6.0, 6.0, 6.0) and plan.zoom == pytest.approx((1.5, 1.5, 1.5))
 
 
 def test_voxel_size_fixes_the_z_ratio_of_the_estimate() -> None:
