@@ -10,8 +10,8 @@ the zoom per axis (model voxels per input voxel) from what is known, in this ord
 - the cell diameter option (µm with a voxel size, else xy voxels) and the voxel size (file or option): the
   diameter in input voxels per axis follows directly;
 - otherwise the diameter is estimated from the data (:func:`estimate_cell_diameter`): the network runs on
-  a central crop (at the first guess, at twice its zoom to catch cells too small to show their walls at
-  the model's scale, then at the implied zoom; the smallest credible measurement wins, see ``_refine``), and the mean chord of the cell interiors along each axis gives the diameter per axis
+  a central crop (first at the guess, then at the zoom that brings the measured cells to the centre of the model's range,
+  until it settles: see ``_refine``), and the mean chord of the cell interiors along each axis gives the diameter per axis
   (for cells of any convex-ish shape the mean chord along a random line is ``4 V / S``, 2/3 of a sphere's
   diameter); a known voxel size fixes the z/xy ratio and only the overall size is estimated.
 
@@ -48,6 +48,7 @@ CHORD_TO_DIAMETER = 1.5  # mean chord of a sphere is 2/3 of its diameter (Cauchy
 MIN_CHORDS = 30  # fewer interior chords along an axis than this: no estimate on that axis
 ESTIMATE_CROP = (48, 160, 160)  # model voxels of the estimation crop (one network pass on the CPU: ~1-2 s)
 ZOOM_RANGE = (1 / 8, 8.0)
+MAX_PASSES = 4  # network passes of the cell-size estimate at most
 
 Diameters = tuple[float, float, float]
 
@@ -177,44 +178,30 @@ def _measure(
     return (xy / ratio[0], xy / ratio[1], xy / ratio[2])
 
 
-def _xy(d: Diameters) -> float:
-    return math.sqrt(d[1] * d[2])
-
-
 def _refine(
     diameter_range: tuple[float, float], guess: tuple[float, float, float], ratio: tuple[float, ...] | None,
     estimate: Callable[[tuple[float, float, float]], Diameters | None],
 ) -> Diameters | None:
-    """Measure at ``guess``, at twice its zoom, and at the zoom the smaller of the two implies; keep the
-    smallest credible measurement.
+    """Measure, zoom so the measured cells would be at the centre of the model's range, measure again,
+    until the zoom settles (at most :data:`MAX_PASSES` measurements).
 
-    A network that cannot see the walls of cells too small for it merges them, and merged cells look
-    larger, so a measurement errs large, not small. A measurement is credible when the cells it found are,
-    at the zoom it was made at, within the model's range (up to 1.5x its top: beyond that a network may
-    see walls inside a cell).
+    A network measures cells well only near its own scale: too small, it misses their walls and they look
+    larger; too large, it sees walls inside them and they look smaller. Either way the next zoom moves
+    toward the true size, so the iteration converges where the measurement is made at the model's scale.
     """
-    taken: list[tuple[Diameters, tuple[float, float, float]]] = []
-    for zoom in (guess, (2 * guess[0], 2 * guess[1], 2 * guess[2])):
-        found = _measure(estimate, zoom, ratio)
-        if found is not None:
-            taken.append((found, zoom))
-    if not taken:
-        return None
-    best = _smallest_credible(taken, diameter_range)
-    new = _zoom_for(diameter_range, best[0])
-    if any(abs(n / z - 1.0) > SCALE_TOLERANCE for n, z in zip(new, best[1])):
-        again = _measure(estimate, new, ratio)
-        if again is not None:
-            best = _smallest_credible([*taken, (again, new)], diameter_range)
-    return best[0]
-
-
-def _smallest_credible(
-    taken: list[tuple[Diameters, tuple[float, float, float]]], diameter_range: tuple[float, float]
-) -> tuple[Diameters, tuple[float, float, float]]:
-    lo, hi = diameter_range[0], 1.5 * diameter_range[1]
-    credible = [t for t in taken if lo <= _xy(t[0]) * math.sqrt(t[1][1] * t[1][2]) <= hi]
-    return min(credible, key=lambda t: _xy(t[0])) if credible else taken[0]
+    centre = math.sqrt(diameter_range[0] * diameter_range[1])
+    zoom, found = guess, None
+    for _ in range(MAX_PASSES):
+        measured = _measure(estimate, zoom, ratio)
+        if measured is None:
+            break
+        found = measured
+        lo, hi = ZOOM_RANGE
+        nxt = tuple(min(hi, max(lo, centre / d)) for d in measured)
+        if all(abs(n / z - 1.0) <= SCALE_TOLERANCE for n, z in zip(nxt, zoom)):
+            break
+        zoom = (nxt[0], nxt[1], nxt[2])
+    return found
 
 
 def resample(batch: torch.Tensor, size: tuple[int, int, int], /) -> torch.Tensor:
@@ -264,8 +251,9 @@ def _runs(mask: NDArray[np.bool_], axis: int) -> tuple[NDArray[np.intp], NDArray
 def chord_diameters(interior: NDArray[np.bool_], /) -> Diameters | None:
     """Cell diameter along ``(z, y, x)`` in voxels of ``interior`` (``(Z, Y, X)`` bool, the cells' inside).
 
-    Each axis: the mean interior chord plus the mean wall crossing (a cell's chord runs from wall centre to
-    wall centre), times 1.5 (sphere: mean chord = 2/3 diameter). None when an axis has under
+    Each axis: the mean interior chord (corrected for the chords the array's edges cut off) plus the median
+    wall crossing (a cell's chord runs from wall centre to wall centre), times 1.5 (sphere: mean chord =
+    2/3 diameter). None when an axis has under
     :data:`MIN_CHORDS` complete chords.
     """
     out = []
@@ -274,7 +262,11 @@ def chord_diameters(interior: NDArray[np.bool_], /) -> Diameters | None:
         if len(chords) < MIN_CHORDS:
             return None
         wall = float(np.median(walls)) if len(walls) else 0.0
-        out.append(CHORD_TO_DIAMETER * (float(np.mean(chords)) + wall))
+        # Miles-Lantuejoul: a chord of length L lies wholly inside a window W long with odds (W - L) / W, so
+        # long chords are under-counted where the crop is short (z); weigh each by W / (W - L)
+        window = interior.shape[axis]
+        weight = window / np.maximum(window - chords, 1.0)
+        out.append(CHORD_TO_DIAMETER * (float(np.sum(chords * weight) / np.sum(weight)) + wall))
     return (out[0], out[1], out[2])
 
 

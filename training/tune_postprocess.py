@@ -9,7 +9,9 @@ volume per stress row, seeds 950+) are used by no training step and by no evalua
 ``training/stress.py``). The network runs once per volume, as ``engine.segment``
 runs it by default; then every ``threshold`` x ``min_dist`` of the grid is scored with
 ``engine.postprocess.label_cells`` (criterion: mean of F1@0.5 and mean matched IoU, averaged over the
-volumes), and then ``label_threshd`` at the best pair. The patch shape is the fastest of a few candidates
+volumes), then ``label_threshd`` at the best pair, then the agglomeration (``MERGES``), then the bundle's
+cell-diameter range (``DIAMETER_RANGES``, which changes the scale the engine picks, so the volumes are run
+again). The patch shape is the fastest of a few candidates
 on a 64x256x256 volume. The chosen values and every figure go into ``bundle.json`` (``postprocess``,
 ``patch_shape`` and ``validation``).
 """
@@ -30,8 +32,8 @@ import numpy as np
 from engine.bundle import Bundle, PostprocessSpec, load_bundle, write_bundle_json
 from engine.metrics import match_instances
 from engine.pipeline import SegmentOptions, segment
-from engine.postprocess import label_cells
 from engine.scale import ScalePlan
+from engine.stitch import MemoryLabelStore, SlabLabeler
 from engine.synthetic import make_membrane_volume
 
 from .data import VALIDATION_SEEDS
@@ -48,13 +50,24 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 # the thresholded interior; larger values would only widen the streaming halo (2 * min_dist planes)
 MIN_DISTS = (3, 4, 6, 8, 10)
 LABEL_THRESHDS = (5, 20, 50, 100)
+MERGES = ((None, 0), (0.3, 0), (0.5, 0), (0.5, 150), (0.7, 150))  # (merge_threshold, merge_min_size), model voxels
+DIAMETER_RANGES = ((9.0, 24.0), (12.0, 20.0))  # Bundle.cell_diameter_voxels candidates
 PATCH_CANDIDATES = ((32, 128, 128), (64, 128, 128), (64, 256, 256))
+
+
+def _label(probs: np.ndarray, bundle: Bundle, spec: PostprocessSpec, plan: ScalePlan) -> np.ndarray:
+    """Label ``probs`` exactly as ``engine.segment`` does for a volume that is one slab."""
+    shape = probs.shape[1:]
+    store = MemoryLabelStore(shape)
+    labeler = SlabLabeler(shape, output=bundle.output, spec=plan.postprocess(spec), sampling=plan.sampling,
+                          depth=shape[0], halo=0, store=store)
+    labeler.push(0, probs)
+    return labeler.finish().lut[store.labels]
 
 
 def _score(runs: list[tuple[np.ndarray, np.ndarray, ScalePlan]], bundle: Bundle, spec: PostprocessSpec) -> dict[str, Any]:
     """Label each ``(probabilities, truth, scale)`` run with ``spec`` as the engine would, and score it."""
-    per = [match_instances(label_cells(p, output=bundle.output, spec=plan.postprocess(spec), sampling=plan.sampling), t)
-           for p, t, plan in runs]
+    per = [match_instances(_label(p, bundle, spec, plan), t) for p, t, plan in runs]
     f1 = float(np.mean([s.f1 for s in per]))
     iou = float(np.mean([s.mean_matched_iou for s in per]))
     return {"f1": f1, "mean_matched_iou": iou, "objective": (f1 + iou) / 2,
@@ -89,8 +102,10 @@ def _validation_runs(bundle: Bundle) -> list[tuple[np.ndarray, np.ndarray, Scale
     return runs
 
 
-def tune(bundle: Bundle, /, *, measure_patches: bool = True) -> tuple[PostprocessSpec, tuple[int, int, int], dict[str, Any]]:
-    """Best post-processing, patch shape and the validation record for ``bundle``."""
+def tune(
+    bundle: Bundle, /, *, measure_patches: bool = True
+) -> tuple[PostprocessSpec, tuple[int, int, int], dict[str, Any], tuple[float, float] | None]:
+    """Best post-processing, patch shape, the validation record and the cell-diameter range for ``bundle``."""
     started = time.perf_counter()
     runs = _validation_runs(bundle)
     grid = []
@@ -105,6 +120,21 @@ def tune(bundle: Bundle, /, *, measure_patches: bool = True) -> tuple[Postproces
                                  min_dist=best["min_dist"], label_threshd=n) for n in LABEL_THRESHDS]
     scored = [(_score(runs, bundle, s), s) for s in specs]
     best_result, best_spec = max(scored, key=lambda rs: (round(rs[0]["objective"], 4), rs[1].label_threshd))
+    merged = [(_score(runs, bundle, dataclasses.replace(best_spec, merge_threshold=t, merge_min_size=m)), t, m) for t, m in MERGES]
+    for result, t, m in merged:
+        logger.info("merge_threshold %s merge_min_size %d: F1 %.3f IoU %.3f", t, m, result["f1"], result["mean_matched_iou"])
+    best_result, t, m = max(merged, key=lambda r: round(r[0]["objective"], 4))
+    best_spec = dataclasses.replace(best_spec, merge_threshold=t, merge_min_size=m)
+    ranges = {str(list(bundle.cell_diameter_voxels or ())): best_result["objective"]}
+    for candidate in DIAMETER_RANGES:
+        if candidate == bundle.cell_diameter_voxels:
+            continue
+        other = dataclasses.replace(bundle, cell_diameter_voxels=candidate)
+        result = _score(_validation_runs(other), other, best_spec)
+        ranges[str(list(candidate))] = result["objective"]
+        logger.info("cell_diameter_voxels %s: F1 %.3f IoU %.3f", candidate, result["f1"], result["mean_matched_iou"])
+        if result["objective"] > best_result["objective"]:
+            best_result, bundle = result, other
     patch = bundle.patch_shape
     timings = _patch_timings(bundle) if measure_patches else {}
     if timings:
@@ -117,6 +147,9 @@ def tune(bundle: Bundle, /, *, measure_patches: bool = True) -> tuple[Postproces
         "criterion": "mean over volumes of (F1@0.5 + mean matched IoU) / 2",
         "grid": grid,
         "label_threshd": {str(s.label_threshd): round(r["objective"], 4) for r, s in scored},
+        "merge": {f"{t}/{m}": round(r["objective"], 4) for r, t, m in merged},
+        "cell_diameter_voxels": {k: round(v, 4) for k, v in ranges.items()},
+        "chosen_cell_diameter_voxels": list(bundle.cell_diameter_voxels or ()),
         "chosen": dataclasses.asdict(best_spec),
         "f1": round(best_result["f1"], 4),
         "mean_matched_iou": round(best_result["mean_matched_iou"], 4),
@@ -125,7 +158,7 @@ def tune(bundle: Bundle, /, *, measure_patches: bool = True) -> tuple[Postproces
         "patch_infer_s_64x256x256": timings,
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
-    return best_spec, patch, record  # type: ignore[return-value]
+    return best_spec, patch, record, bundle.cell_diameter_voxels  # type: ignore[return-value]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-patch-timing", action="store_true", help="keep the bundle's patch shape")
     args = parser.parse_args(argv)
     bundle = load_bundle(args.bundle)
-    spec, patch, record = tune(bundle, measure_patches=not args.no_patch_timing)
+    spec, patch, record, diameters = tune(bundle, measure_patches=not args.no_patch_timing)
     record["command"] = f"python -m training.tune_postprocess {' '.join(argv if argv is not None else sys.argv[1:])}".strip()
-    write_bundle_json(dataclasses.replace(bundle, postprocess=spec, patch_shape=patch, validation=record))
+    write_bundle_json(dataclasses.replace(bundle, postprocess=spec, patch_shape=patch, validation=record, cell_diameter_voxels=diameters))
     logger.info("%s: postprocess %s, patch %s, F1 %.3f, IoU %.3f", bundle.path, spec, patch, record["f1"], record["mean_matched_iou"])
     return 0
 

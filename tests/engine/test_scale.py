@@ -60,17 +60,26 @@ def test_no_metadata_estimates_and_refines() -> None:
         return (5.0, 14.0, 14.0)
 
     plan = plan_scale(diameter_range=RANGE, voxel_size_um=None, cell_diameter=None, estimate=estimate)
-    assert calls == [(1.0, 1.0, 1.0), (2.0, 2.0, 2.0), pytest.approx((2.8, 1.0, 1.0))]
+    assert calls == [(1.0, 1.0, 1.0), pytest.approx((14.697 / 5, 14.697 / 14, 14.697 / 14), rel=1e-4)]
     assert plan.zoom == pytest.approx((2.8, 1.0, 1.0)) and plan.source == "estimated"
     assert "z2.80" in plan.describe()
 
 
-def test_small_cells_found_by_the_2x_probe_win() -> None:
-    def estimate(zoom):  # noqa: ANN001, ANN202 - a network that merges cells under 9 voxels: they look 14 wide
-        return (14.0, 14.0, 14.0) if zoom[1] < 1.5 else (6.0, 6.0, 6.0)
+def _network_seeing(true: float):  # noqa: ANN202
+    """A network that measures cells right only within 9-24 of its voxels: smaller ones merge (look 9),
+    larger ones split (look 24)."""
 
-    plan = plan_scale(diameter_range=RANGE, voxel_size_um=None, cell_diameter=None, estimate=estimate)
-    assert plan.cell_diameter_voxels == (6.0, 6.0, 6.0) and plan.zoom == pytest.approx((1.5, 1.5, 1.5))
+    def estimate(zoom):  # noqa: ANN001, ANN202
+        seen = min(24.0, max(9.0, true * zoom[1]))
+        return (seen / zoom[0], seen / zoom[1], seen / zoom[2])
+
+    return estimate
+
+
+@pytest.mark.parametrize("true", [6.0, 30.0, 45.0])
+def test_estimate_converges_for_cells_the_network_cannot_see_at_first(true: float) -> None:
+    plan = plan_scale(diameter_range=RANGE, voxel_size_um=None, cell_diameter=None, estimate=_network_seeing(true))
+    assert plan.cell_diameter_voxels[1] == pytest.approx(true, rel=0.01)
 
 
 def test_voxel_size_fixes_the_z_ratio_of_the_estimate() -> None:
