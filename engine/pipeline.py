@@ -419,6 +419,25 @@ def segment(
     )
 
 
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Same path, symlink or hard link to the same file (a path that does not exist yet is compared resolved)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def _refuse_overwrites(
+    input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], prob_path: str | os.PathLike[str] | None
+) -> None:
+    """No output may replace the input or another output."""
+    for target in (output_path, prob_path):
+        if target is not None and _same_file(target, input_path):
+            raise InputError(f"{target}: is the input image {input_path}; choose another output path")
+    if prob_path is not None and _same_file(prob_path, output_path):
+        raise InputError(f"{prob_path}: is also the label output; choose another path for the probabilities")
+
+
 def segment_file(
     input_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
@@ -451,6 +470,7 @@ def segment_file(
     Raises:
         InputError, BundleError, BackendUnavailableError: one line each, nothing written.
     """
+    _refuse_overwrites(input_path, output_path, prob_path)
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     for target in (output_path, prob_path):

@@ -25,6 +25,19 @@ The shipped model was made in two stages (from the repository root):
    the first start to the written bundle (2-core AMD EPYC Zen 4 shared with other jobs, bf16 autocast,
    0.4-3.6 s per step depending on the load, 1.7 s on average).
 
+3. The generalist fine-tune (the shipped model since the scale-aware engine): from stage 2's weights, with
+   60% of the training volumes from the second simulator ``engine.tissue`` with every factor drawn wide
+   (cell diameter 8-24 voxels, z step 1-4 resampled to isotropic as the engine does at run time, thin to
+   thick membranes, patchy staining, 10-500 photons, domes with background as target 1), the rest from
+   ``engine.synthetic``; 1200 steps, lr 1e-3, checkpoint committed in ``training/checkpoints/``::
+
+       python -m training.train_default --init engine/default_bundle/model.pt \
+           --checkpoint training/checkpoints/generalist.pt --bundle-out /tmp/generalist_bundle \
+           --steps 1200 --lr 1e-3 --p-tissue 0.6 --log-every 10 --save-every 50
+
+   then ``python -m training.tune_postprocess --bundle /tmp/generalist_bundle`` and the bundle copied into
+   ``engine/default_bundle`` (``cellseg3d export engine/default_bundle`` rewrites the ONNX files).
+
 A new run starts from random weights, or with ``--init`` from a training checkpoint's or a bundle's
 weights (fresh optimizer, step 0, fresh data pool).
 
@@ -38,9 +51,10 @@ groups), one output channel: the boundary (membrane) probability. Loss: BCE + so
 Optimizer: AdamW, lr 2e-3 (``--lr``; 1e-3 for the fine-tune) with 50 warm-up steps and cosine decay to 2 % of it, weight decay 1e-4. Batches of
 2 crops of 32x64x64 voxels, bf16 autocast and ``channels_last_3d`` on CPUs with native bf16.
 
-Data (``training/data.py``): a pool of 32 synthetic membrane volumes (48x128x128, cell diameter 11-17,
-voxel_scale 0.7-1.6, uint8 or uint16), one replaced by a fresh volume every 4 steps on average; crops
-are rotated/flipped and given random gain, offset, gamma and noise.
+Data (``training/data.py``): a pool of 32 membrane volumes (48x128x128; ``engine.synthetic`` with cell
+diameter 11-17, voxel_scale 0.7-1.6, uint8 or uint16, and with ``--p-tissue`` that fraction from
+``engine.tissue``), one replaced by a fresh volume every 4 steps on average; crops are rotated/flipped and
+given random gain, offset, gamma and noise.
 
 Measured wall time: see ``training.wall_time_s`` in ``engine/default_bundle/bundle.json`` (2-core AMD EPYC
 Zen 4, shared with other jobs).
@@ -229,13 +243,15 @@ def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save
 
 def bundle_template(out: Path, *, training: dict, validation: dict | None = None,
                     postprocess: PostprocessSpec | None = None,
-                    patch_shape: tuple[int, int, int] = (64, 128, 128), overlap: float = 0.25) -> Bundle:
+                    patch_shape: tuple[int, int, int] = (64, 128, 128), overlap: float = 0.25,
+                    cell_diameter_voxels: tuple[float, float] | None = (9.0, 24.0)) -> Bundle:
     """The default bundle's facts (weights come from the checkpoint)."""
     return Bundle(
         path=out,
         name="cellseg3d-default-membrane",
-        description=("pytorch-3dunet UNet3D (gcr, f_maps 16, 3 levels) trained on the project's synthetic "
-                     "membrane-stained tissue (engine.synthetic); channel 0 = cell boundary probability"),
+        description=("pytorch-3dunet UNet3D (gcr, f_maps 16, 3 levels) trained on the project's two synthetic "
+                     "membrane-stained tissue simulators (engine.synthetic, engine.tissue); channel 0 = cell boundary "
+                     "(and background) probability"),
         architecture="UNet3D",
         arch_kwargs=dict(ARCH_KWARGS),
         in_channels=1,
@@ -245,6 +261,7 @@ def bundle_template(out: Path, *, training: dict, validation: dict | None = None
         overlap=overlap,
         postprocess=postprocess or PostprocessSpec(method="watershed", threshold=0.5, min_dist=4, label_threshd=20),
         voxel_size_um=None,
+        cell_diameter_voxels=cell_diameter_voxels,
         training=training,
         validation=validation or {},
     )
@@ -281,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                                validation=old.validation if old else None,
                                postprocess=old.postprocess if old else None,
                                patch_shape=old.patch_shape if old else (64, 128, 128),
-                               overlap=old.overlap if old else 0.25)
+                               overlap=old.overlap if old else 0.25,
+                               cell_diameter_voxels=old.cell_diameter_voxels if old else (9.0, 24.0))
     make_bundle(args.checkpoint, args.bundle_out, template=template)
     logger.info("%s: bundle written (%d steps, %.0f s)", args.bundle_out, state["step"], state["elapsed_s"])
     return 0

@@ -83,3 +83,24 @@ def test_bad_options(tiny_bundle) -> None:
 def test_explicit_unavailable_backend_says_why(tiny_bundle) -> None:
     with pytest.raises(BackendUnavailableError, match="torch-cuda cannot run here: .*no CUDA"):
         segment(np.random.default_rng(0).random((8, 16, 16)), bundle=tiny_bundle, options=SegmentOptions(backend="torch-cuda"))
+
+
+@pytest.mark.parametrize("how", ["same path", "symlink", "hard link", "prob onto labels"])
+def test_outputs_never_replace_the_input_or_each_other(tiny_bundle, blob_tiff, tmp_path, how) -> None:
+    import hashlib
+    import os
+
+    before = hashlib.sha256(blob_tiff.read_bytes()).hexdigest()
+    out, prob = tmp_path / "out.tif", None
+    if how == "same path":
+        out = blob_tiff
+    elif how == "symlink":
+        os.symlink(blob_tiff, out)
+    elif how == "hard link":
+        os.link(blob_tiff, out)
+    else:
+        prob = out
+    with pytest.raises(InputError, match="input image|also the label output"):
+        segment_file(blob_tiff, out, bundle=tiny_bundle, prob_path=prob)
+    assert hashlib.sha256(blob_tiff.read_bytes()).hexdigest() == before
+    assert how in ("symlink", "hard link") or not out.exists() or out == blob_tiff
