@@ -102,6 +102,25 @@ def _voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float] | None:
     return None
 
 
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Same path, symlink or hard link to the same file (a path that does not exist yet is compared resolved)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def refuse_overwrites(
+    input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], prob_path: str | os.PathLike[str] | None, /
+) -> None:
+    """Raise InputError when an output would replace the input or another output."""
+    for target in (output_path, prob_path):
+        if target is not None and _same_file(target, input_path):
+            raise InputError(f"{target}: is the input image {input_path}; choose another output path")
+    if prob_path is not None and _same_file(prob_path, output_path):
+        raise InputError(f"{prob_path}: is also the label output; choose another path for the probabilities")
+
+
 def read_volume(path: str | os.PathLike[str], /, *, channel: int | None = None, channels: int = 1) -> Volume:
     """Read a 3D TIFF stack as ``(C, Z, Y, X)``.
 

@@ -30,11 +30,12 @@ from .bundle import Bundle, PostprocessSpec, load_bundle
 from .errors import InputError
 from .fitting import BackoffRunner, fit_tiling
 from .normalize import normalization_stats
+from .outputs import RunOutputs
 from .progress import PROGRESS_UNITS, Progress, ProgressTracker
-from .stitch import FileLabelStore, MemoryLabelStore, SlabLabeler
 from .scale import ScalePlan, ScaledRun, plan_for_source
-from .streaming import ArraySource, Source, StreamTimings, normalize_with, plan_slabs, prefetched, stream, volume_stats
-from .tiff_stream import ProbabilityWriter, write_labels_stream
+from .stitch import FileLabelStore, MemoryLabelStore, SlabLabeler
+from .streaming import ArraySource, Source, StreamTimings, plan_slabs, prefetched, stream, volume_stats
+from .tiff_stream import write_labels_stream
 from .tiling import SlabGrid, TilingConfig
 
 __all__ = ["SegmentOptions", "RunReport", "SegmentResult", "segment", "segment_file"]
@@ -220,14 +221,16 @@ def _scale(source: Source, stats: list[tuple[float, float]], bundle: Bundle, opt
     voxel = options.voxel_size_um or voxel_size_um
     if options.rescale == "off":
         return ScalePlan((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), "rescaling off", voxel)
-
-    def read_crop(box: tuple[slice, slice, slice]) -> np.ndarray:
-        return normalize_with(source.read(box[0].start, box[0].stop)[:, :, box[1], box[2]], stats)
-
     return plan_for_source(
-        read_crop, shape=tuple(source.shape[1:]), bundle=bundle, run=backend.run, device=backend.device,  # type: ignore[arg-type]
-        voxel_size_um=voxel, cell_diameter=options.cell_diameter,
+        source, stats, bundle=bundle, run=backend.run, device=backend.device, voxel_size_um=voxel, cell_diameter=options.cell_diameter,
     )
+
+
+def _halo(options: SegmentOptions, spec: PostprocessSpec, scale: ScalePlan) -> int | None:
+    """The caller's halo; on a resampled grid, ``2 * min_dist`` model voxels in input planes (at least 8)."""
+    if options.halo is None and not scale.identity and spec.method != "components":
+        return max(8, math.ceil(2 * spec.min_dist / scale.zoom[0]))
+    return options.halo
 
 
 def _as_czyx(volume: np.ndarray, channels: int) -> np.ndarray:
@@ -240,43 +243,6 @@ def _as_czyx(volume: np.ndarray, channels: int) -> np.ndarray:
     return volume
 
 
-class _Outputs:
-    """Where a run's results go: arrays in memory (``segment``) or TIFF files (``segment_file``)."""
-
-    def __init__(
-        self,
-        *,
-        output_path: str | os.PathLike[str] | None = None,
-        prob_path: str | os.PathLike[str] | None = None,
-        voxel_size_um: tuple[float, float, float] | None = None,
-    ) -> None:
-        self.output_path, self.prob_path, self.voxel = output_path, prob_path, voxel_size_um
-        self.probs: np.ndarray | None = None
-        self.prob_writer: ProbabilityWriter | None = None
-
-    def open(self, shape: tuple[int, int, int, int], *, streamed: bool) -> tuple[MemoryLabelStore | FileLabelStore, Any]:
-        """The label store and the probability sink ``write(z0, chunk)`` (or None) for a ``(K, Z, Y, X)`` map."""
-        in_memory = self.output_path is None or not streamed
-        if in_memory:
-            self.probs = np.empty(shape, dtype=np.float32)
-        if self.prob_path is not None and self.output_path is not None:
-            self.prob_writer = ProbabilityWriter(self.prob_path, shape=shape, voxel_size_um=self.voxel)
-        folder = Path(self.output_path).parent if self.output_path is not None else None
-        store = MemoryLabelStore(shape[1:]) if in_memory else FileLabelStore(shape[1:], folder=folder)
-
-        def sink(z0: int, chunk: np.ndarray) -> None:
-            if self.probs is not None:
-                self.probs[:, z0 : z0 + chunk.shape[1]] = chunk
-            if self.prob_writer is not None:
-                self.prob_writer.write(chunk)
-
-        return store, (sink if self.probs is not None or self.prob_writer is not None else None)
-
-    def abort(self) -> None:
-        if self.prob_writer is not None:
-            self.prob_writer.abort()
-
-
 def _run(
     source: Source,
     /,
@@ -286,7 +252,7 @@ def _run(
     voxel_size_um: tuple[float, float, float] | None,
     progress: Progress | None,
     backend: Backend | None,
-    outputs: _Outputs,
+    outputs: RunOutputs,
 ) -> SegmentResult:
     """Normalize, infer, label and write ``source`` slab by slab (one slab when it fits)."""
     started = time.perf_counter()
@@ -312,11 +278,8 @@ def _run(
             tiling, report.fit, model_patch = _tiling(bundle, options, (z, y, x), backend, scale)
         k = len(bundle.output.names)
         memory = int(options.memory_limit_gib * 2**30) if options.memory_limit_gib else None
-        halo = options.halo
-        if halo is None and not scale.identity and spec.method != "components":
-            halo = max(8, math.ceil(2 * spec.min_dist / scale.zoom[0]))
         plan = plan_slabs(
-            (c, z, y, x), grid_config=tiling, out_channels=k, spec=spec, depth=options.slab_depth, halo=halo,
+            (c, z, y, x), grid_config=tiling, out_channels=k, spec=spec, depth=options.slab_depth, halo=_halo(options, spec, scale),
             memory_bytes=memory, keep_outputs=outputs.output_path is None, device_type=backend.device.type,
         )
         grid = SlabGrid((z, y, x), tiling, plan.rows_per_group)
@@ -352,7 +315,7 @@ def _finish(
     report: RunReport,
     labeler: SlabLabeler,
     store: MemoryLabelStore | FileLabelStore,
-    outputs: _Outputs,
+    outputs: RunOutputs,
     tracker: ProgressTracker,
     started: float,
 ) -> SegmentResult:
@@ -415,27 +378,8 @@ def segment(
     data = _as_czyx(volume, bundle.in_channels)
     return _run(
         ArraySource(data), bundle=bundle, options=options, voxel_size_um=voxel_size_um, progress=progress,
-        backend=backend, outputs=_Outputs(),
+        backend=backend, outputs=RunOutputs(),
     )
-
-
-def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    """Same path, symlink or hard link to the same file (a path that does not exist yet is compared resolved)."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return Path(a).resolve() == Path(b).resolve()
-
-
-def _refuse_overwrites(
-    input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], prob_path: str | os.PathLike[str] | None
-) -> None:
-    """No output may replace the input or another output."""
-    for target in (output_path, prob_path):
-        if target is not None and _same_file(target, input_path):
-            raise InputError(f"{target}: is the input image {input_path}; choose another output path")
-    if prob_path is not None and _same_file(prob_path, output_path):
-        raise InputError(f"{prob_path}: is also the label output; choose another path for the probabilities")
 
 
 def segment_file(
@@ -470,7 +414,7 @@ def segment_file(
     Raises:
         InputError, BundleError, BackendUnavailableError: one line each, nothing written.
     """
-    _refuse_overwrites(input_path, output_path, prob_path)
+    io.refuse_overwrites(input_path, output_path, prob_path)
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     for target in (output_path, prob_path):
@@ -479,7 +423,7 @@ def segment_file(
     started = time.perf_counter()
     with io.open_volume(input_path, channel=channel, channels=bundle.in_channels) as reader:
         opened = time.perf_counter() - started
-        outputs = _Outputs(output_path=output_path, prob_path=prob_path, voxel_size_um=options.voxel_size_um or reader.voxel_size_um)
+        outputs = RunOutputs(output_path=output_path, prob_path=prob_path, voxel_size_um=options.voxel_size_um or reader.voxel_size_um)
         result = _run(
             reader, bundle=bundle, options=options, voxel_size_um=reader.voxel_size_um, progress=progress,
             backend=backend, outputs=outputs,

@@ -36,6 +36,7 @@ from numpy.typing import NDArray
 from .bundle import Bundle, PostprocessSpec
 from .errors import InputError
 from .postprocess import interior_probability
+from .streaming import Source, normalize_with
 from .tiling import TilingConfig, fit_patch_shape, sliding_window
 
 __all__ = [
@@ -310,30 +311,32 @@ def estimation_crop(shape: tuple[int, int, int], zoom: tuple[float, float, float
 
 
 def plan_for_source(
-    read_crop: Callable[[tuple[slice, slice, slice]], NDArray[np.float32]],
+    source: Source,
+    stats: list[tuple[float, float]],
     /,
     *,
-    shape: tuple[int, int, int],
     bundle: Bundle,
     run: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device,
     voxel_size_um: tuple[float, float, float] | None,
     cell_diameter: float | None,
 ) -> ScalePlan:
-    """:func:`plan_scale` for a volume of ``shape``, estimating on central crops through the real network.
+    """:func:`plan_scale` for ``source``, estimating on central crops through the real network.
 
     Args:
-        read_crop: ``(z, y, x)`` box -> ``(C, z, y, x)`` normalized float32 network input.
-        shape: the volume's ``(Z, Y, X)``.
-        bundle: the model (its cell diameter, patch, divisor, output meaning).
+        source: the ``(C, Z, Y, X)`` volume, read by z-slabs.
+        stats: its normalization (:func:`engine.normalize.normalization_stats`).
+        bundle: the model (its cell diameter range, patch, divisor, output meaning).
         run: the backend's batch function.
         device: where ``run`` computes.
         voxel_size_um, cell_diameter: see :func:`plan_scale`.
     """
     k = len(bundle.output.names)
+    shape = (source.shape[1], source.shape[2], source.shape[3])
 
     def estimate(zoom: tuple[float, float, float]) -> Diameters | None:
-        crop = read_crop(estimation_crop(shape, zoom))
+        box = estimation_crop(shape, zoom)
+        crop = normalize_with(source.read(box[0].start, box[0].stop)[:, :, box[1], box[2]], stats)
         model_crop = tuple(max(1, round(s * z)) for s, z in zip(crop.shape[1:], zoom))
         patch = fit_patch_shape(model_crop, bundle.patch_shape, bundle.divisor)
         config = TilingConfig(patch_shape=patch, overlap=bundle.overlap, batch_size=1)

@@ -216,12 +216,13 @@ class _SlowSource(ArraySource):
 def test_reading_inference_and_labelling_overlap(bundles, stacks) -> None:
     """Reads and network calls that sleep about as long as each other: streamed, they overlap, so the
     wall time is well under the sum of the stages' busy times (a serial loop would take that sum)."""
-    from engine.pipeline import _Outputs, _run
+    from engine.outputs import RunOutputs
+    from engine.pipeline import _run
 
     bundle, (_, image) = bundles["membrane"], stacks["membrane"]
     backend = ImageBackend(bundle, delay=0.1)
     opts = SegmentOptions(batch_size=2, slab_depth=8, halo=8)
-    result = _run(_SlowSource(image[None]), bundle=bundle, options=opts, voxel_size_um=None, progress=None, backend=backend, outputs=_Outputs())
+    result = _run(_SlowSource(image[None]), bundle=bundle, options=opts, voxel_size_um=None, progress=None, backend=backend, outputs=RunOutputs())
     busy, wall = result.report.timings, result.report.wall_s
     serial = busy["read"] + busy["infer"] + busy["postprocess"]
     assert result.report.n_slabs > 3 and min(busy["read"], busy["infer"]) > 0.6
