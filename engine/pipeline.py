@@ -368,7 +368,8 @@ def segment(
             ``numpy.memmap`` works and is read slab by slab).
         bundle: the model bundle.
         options: run settings.
-        voxel_size_um: ``(z, y, x)``; makes the watershed distance anisotropy-aware when given.
+        voxel_size_um: ``(z, y, x)`` in µm, when known (``options.voxel_size_um`` wins): fixes the z/xy zoom to the
+            model's grid (:mod:`engine.scale`).
         progress: called with ``(done, total)`` in ``options.progress_unit`` (patches by default).
         backend: an already loaded backend to reuse (``options.backend`` is then ignored).
 
