@@ -220,7 +220,7 @@ def _scale(source: Source, stats: list[tuple[float, float]], bundle: Bundle, opt
     """The zoom to the model's grid (:mod:`engine.scale`), estimated through ``backend`` when needed."""
     voxel = options.voxel_size_um or voxel_size_um
     if options.rescale == "off":
-        return ScalePlan((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), "rescaling off", voxel)
+        return ScalePlan.unscaled("rescaling off", voxel)
     return plan_for_source(
         source, stats, bundle=bundle, run=backend.run, device=backend.device, voxel_size_um=voxel, cell_diameter=options.cell_diameter,
     )

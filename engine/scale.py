@@ -40,7 +40,7 @@ from .streaming import Source, normalize_with
 from .tiling import TilingConfig, fit_patch_shape, sliding_window
 
 __all__ = [
-    "SCALE_TOLERANCE", "ScalePlan", "ScaledRun", "plan_scale", "chord_diameters", "estimate_cell_diameter", "estimation_crop",
+    "SCALE_TOLERANCE", "ScalePlan", "ScaledRun", "plan_scale", "chord_diameters", "estimate_cell_diameter",
     "plan_for_source", "resample",
 ]
 
@@ -69,6 +69,11 @@ class ScalePlan:
     cell_diameter_voxels: Diameters
     source: str
     voxel_size_um: tuple[float, float, float] | None = None
+
+    @classmethod
+    def unscaled(cls, source: str, voxel_size_um: tuple[float, float, float] | None = None, /) -> ScalePlan:
+        """The input grid as it is (cell size unknown), for ``source``'s reason."""
+        return cls((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), source, voxel_size_um)
 
     @property
     def identity(self) -> bool:
@@ -147,7 +152,7 @@ def plan_scale(
     if cell_diameter is not None and not (cell_diameter > 0 and math.isfinite(cell_diameter)):
         raise InputError(f"cell diameter must be > 0, got {cell_diameter}")
     if diameter_range is None:
-        return ScalePlan((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), "bundle has no cell diameter: no rescaling", voxel_size_um)
+        return ScalePlan.unscaled("bundle has no cell diameter: no rescaling", voxel_size_um)
     ratio = None if voxel_size_um is None else tuple(v / voxel_size_um[2] for v in voxel_size_um)
     if cell_diameter is not None:
         if voxel_size_um is not None:
@@ -300,7 +305,7 @@ def estimate_cell_diameter(
     return (d[0], d[1], d[2])
 
 
-def estimation_crop(shape: tuple[int, int, int], zoom: tuple[float, float, float], /) -> tuple[slice, slice, slice]:
+def _estimation_crop(shape: tuple[int, int, int], zoom: tuple[float, float, float], /) -> tuple[slice, slice, slice]:
     """The central box of ``shape`` that is about :data:`ESTIMATE_CROP` model voxels at ``zoom``."""
     box = []
     for s, z, c in zip(shape, zoom, ESTIMATE_CROP):
@@ -335,7 +340,7 @@ def plan_for_source(
     shape = (source.shape[1], source.shape[2], source.shape[3])
 
     def estimate(zoom: tuple[float, float, float]) -> Diameters | None:
-        box = estimation_crop(shape, zoom)
+        box = _estimation_crop(shape, zoom)
         crop = normalize_with(source.read(box[0].start, box[0].stop)[:, :, box[1], box[2]], stats)
         model_crop = tuple(max(1, round(s * z)) for s, z in zip(crop.shape[1:], zoom))
         patch = fit_patch_shape(model_crop, bundle.patch_shape, bundle.divisor)
