@@ -11,10 +11,17 @@ See README.md for the CLI (``cellseg3d segment``) and DESIGN.md for the architec
 
 from __future__ import annotations
 
-from .backends import Backend, BackendOptions, select_backend
-from .bundle import Bundle, load_bundle
-from .errors import BackendUnavailableError, BundleError, CellSegError, InputError
-from .pipeline import RunReport, SegmentOptions, SegmentResult, segment, segment_file
+import importlib
+from typing import Any
+
+# exported name -> module: imported on first use, so ``engine.cli`` can check its arguments and open the
+# input before torch is loaded (PEP 562)
+_EXPORTS = {
+    "segment": "pipeline", "segment_file": "pipeline", "SegmentOptions": "pipeline", "SegmentResult": "pipeline",
+    "RunReport": "pipeline", "load_bundle": "bundle", "Bundle": "bundle", "select_backend": "backends",
+    "Backend": "backends", "BackendOptions": "backends", "CellSegError": "errors", "InputError": "errors",
+    "BundleError": "errors", "BackendUnavailableError": "errors",
+}
 
 __all__ = [
     "segment",
@@ -32,3 +39,9 @@ __all__ = [
     "BundleError",
     "BackendUnavailableError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -110,15 +110,64 @@ def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
-def refuse_overwrites(
-    input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], prob_path: str | os.PathLike[str] | None, /
-) -> None:
-    """Raise InputError when an output would replace the input or another output."""
-    for target in (output_path, prob_path):
-        if target is not None and _same_file(target, input_path):
+def refuse_overwrites(input_path: str | os.PathLike[str], /, *targets: str | os.PathLike[str] | None) -> None:
+    """Raise InputError, before anything runs, when an output (None: not asked for) would replace the input
+    or another output, is a folder, or is in a folder that does not exist."""
+    given = [Path(t) for t in targets if t is not None]
+    for i, target in enumerate(given):
+        if _same_file(target, input_path):
             raise InputError(f"{target}: is the input image {input_path}; choose another output path")
-    if prob_path is not None and _same_file(prob_path, output_path):
-        raise InputError(f"{prob_path}: is also the label output; choose another path for the probabilities")
+        if target.is_dir():
+            raise InputError(f"{target}: is a folder; give a file name for this output")
+        if not target.parent.is_dir():
+            raise InputError(f"{target}: folder {target.parent} does not exist")
+        for earlier in given[:i]:
+            if _same_file(target, earlier):
+                raise InputError(f"{target}: is also the output {earlier}; give each output its own path")
+
+
+class _CaptureLog(logging.Handler):
+    """Collects what a library logs (tifffile reports corrupt files by logging, then carries on)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.WARNING)
+        self.library, self.records = logging.getLogger(name), []  # type: ignore[var-annotated]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> _CaptureLog:
+        self._propagate, self.library.propagate = self.library.propagate, False
+        self.library.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.library.removeHandler(self)
+        self.library.propagate = self._propagate
+
+    def check(self, path: Path) -> None:
+        """Errors become one InputError naming ``path``; warnings pass on as one line each."""
+        errors = [r.getMessage().split(">", 1)[-1].strip() for r in self.records if r.levelno >= logging.ERROR]
+        if errors:
+            raise InputError(f"{path}: corrupt or truncated TIFF ({'; '.join(errors)})")
+        for record in self.records:
+            logger.warning("%s: %s", path, record.getMessage().split(">", 1)[-1].strip())
+
+
+def _check_file(p: Path) -> None:
+    if p.is_dir():
+        raise InputError(f"{p}: is a folder, not a TIFF file")
+    if not p.is_file():
+        raise InputError(f"{p}: no such file")
+
+
+def _first_series(tif: tifffile.TiffFile, p: Path) -> tifffile.TiffPageSeries:
+    if not tif.series:
+        raise InputError(f"{p}: not a readable TIFF (no image series)")
+    if len(tif.series) > 1:
+        logger.warning("%s: holds %d image series; segmenting the first (%s %s), the others are ignored",
+                       p, len(tif.series), tif.series[0].axes, "x".join(map(str, tif.series[0].shape)))
+    return tif.series[0]
 
 
 def read_volume(path: str | os.PathLike[str], /, *, channel: int | None = None, channels: int = 1) -> Volume:
@@ -135,15 +184,15 @@ def read_volume(path: str | os.PathLike[str], /, *, channel: int | None = None, 
             dtype; empty.
     """
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: no such file")
+    _check_file(p)
     try:
-        with tifffile.TiffFile(p) as tif:
-            series = tif.series[0]
+        with _CaptureLog("tifffile") as log, tifffile.TiffFile(p) as tif:
+            series = _first_series(tif, p)
             data, axes = series.asarray(), series.axes
             voxel = _voxel_size(tif)
     except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
         raise InputError(f"{p}: not a readable TIFF ({exc})") from exc
+    log.check(p)
     if data.dtype.type not in _SUPPORTED_DTYPES:
         raise InputError(f"{p}: unsupported pixel type {data.dtype}; use uint8, uint16 or float32")
     if data.size == 0:
@@ -167,7 +216,7 @@ class VolumeReader:
             ``"whole"`` (a layout that cannot be read by planes, e.g. volumetric tiles: read at once).
     """
 
-    def __init__(self, path: Path, tif: tifffile.TiffFile, *, channel: int | None, channels: int) -> None:
+    def __init__(self, path: Path, tif: tifffile.TiffFile, *, channel: int | None, channels: int | None) -> None:
         self.path = path
         self._tif = tif
         series = tif.series[0]
@@ -180,7 +229,7 @@ class VolumeReader:
         # Validate and learn the CZYX shape on a zero-strided stand-in: the same checks and messages as
         # read_volume, without touching the pixels.
         header = _to_czyx(np.broadcast_to(np.zeros((), self.dtype), self._shape), self._axes, path, channel)
-        if header.shape[0] != channels:
+        if channels is not None and header.shape[0] != channels:
             hint = "; choose one with --channel" if channels == 1 else ""
             raise InputError(f"{path}: has {header.shape[0]} channels, the model takes {channels}{hint}")
         self.shape: tuple[int, int, int, int] = tuple(header.shape)  # type: ignore[assignment]
@@ -263,26 +312,27 @@ class VolumeReader:
         self.close()
 
 
-def open_volume(path: str | os.PathLike[str], /, *, channel: int | None = None, channels: int = 1) -> VolumeReader:
-    """Open a 3D TIFF stack for reading by z-slabs (see :class:`VolumeReader`); arguments as :func:`read_volume`.
+def open_volume(path: str | os.PathLike[str], /, *, channel: int | None = None, channels: int | None = 1) -> VolumeReader:
+    """Open a 3D TIFF stack for reading by z-slabs (see :class:`VolumeReader`); arguments as :func:`read_volume`
+    (``channels=None``: any channel count, for a header check before the model is known).
 
     Raises:
         InputError: as :func:`read_volume`, from the header alone.
     """
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: no such file")
-    try:
-        tif = tifffile.TiffFile(p)
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
-        raise InputError(f"{p}: not a readable TIFF ({exc})") from exc
-    try:
-        if not tif.series:
-            raise InputError(f"{p}: not a readable TIFF (no image series)")
-        return VolumeReader(p, tif, channel=channel, channels=channels)
-    except BaseException:
-        tif.close()
-        raise
+    _check_file(p)
+    with _CaptureLog("tifffile") as log:
+        try:
+            tif = tifffile.TiffFile(p)
+        except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+            raise InputError(f"{p}: not a readable TIFF ({exc})") from exc
+        try:
+            _first_series(tif, p)
+            log.check(p)
+            return VolumeReader(p, tif, channel=channel, channels=channels)
+        except BaseException:
+            tif.close()
+            raise
 
 
 def _imagej_kwargs(voxel: tuple[float, float, float] | None, axes: str) -> dict[str, Any]:

@@ -15,11 +15,7 @@ import math
 import os
 import resource
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,9 +28,18 @@ from .fitting import BackoffRunner, fit_tiling
 from .normalize import normalization_stats
 from .outputs import RunOutputs
 from .progress import PROGRESS_UNITS, Progress, ProgressTracker
-from .scale import ScalePlan, ScaledRun, plan_for_source
+from .report import RunReport
+from .scale import ScaledRun, ScalePlan, plan_for_source
 from .stitch import FileLabelStore, MemoryLabelStore, SlabLabeler
-from .streaming import ArraySource, Source, StreamTimings, plan_slabs, prefetched, stream, volume_stats
+from .streaming import (
+    ArraySource,
+    Source,
+    StreamTimings,
+    plan_slabs,
+    prefetched,
+    stream,
+    volume_stats,
+)
 from .tiff_stream import write_labels_stream
 from .tiling import SlabGrid, TilingConfig
 
@@ -87,65 +92,6 @@ class SegmentOptions:
     rescale: str = "auto"
 
 
-@dataclass
-class RunReport:
-    """What ran and how long each stage took (seconds).
-
-    The stages overlap when a volume is streamed, so their sum can exceed ``wall_s``. ``n_slabs`` > 1
-    means the volume was streamed in ``slab_depth``-plane slabs with ``halo`` planes of watershed halo;
-    ``orphan_seeds`` counts seeds beyond a slab that flooded into it but that the next slab did not find
-    (a sign the halo is too small, see :mod:`engine.stitch`). ``oom_retries``: times the batch was halved
-    after the device ran out of memory; ``batch_size`` is the batch in use at the end. ``fit``: where the
-    patch and batch came from (:class:`engine.fitting.Fit`). ``peak_rss_mb``: the process's peak resident
-    memory at the end of the run.
-    """
-
-    backend: str = ""
-    precision: str = ""
-    device: str = ""
-    patch_shape: tuple[int, int, int] = (0, 0, 0)
-    batch_size: int = 0
-    n_patches: int = 0
-    shape: tuple[int, ...] = ()
-    n_cells: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-    slab_depth: int = 0
-    halo: int = 0
-    n_slabs: int = 0
-    orphan_seeds: int = 0
-    oom_retries: int = 0
-    fit: str = ""
-    scale: ScalePlan | None = None
-    wall_s: float = 0.0
-    peak_rss_mb: float = 0.0
-
-    @property
-    def voxels_per_second(self) -> float:
-        """End-to-end throughput: over the wall time when known, else over every timed stage."""
-        total = self.wall_s if self.wall_s > 0 else sum(self.timings.values())
-        return float(np.prod(self.shape[-3:])) / total if total > 0 else 0.0
-
-    def summary(self) -> str:
-        """One line for the CLI and logs."""
-        stages = " ".join(f"{k}={v:.2f}s" for k, v in self.timings.items())
-        patch = "x".join(map(str, self.patch_shape))
-        slabs = f" slabs={self.n_slabs}x{self.slab_depth}+halo{self.halo}" if self.n_slabs > 1 else ""
-        scale = self.scale.describe() if self.scale else "scale=?"
-        return (
-            f"{self.n_cells} cells | backend={self.backend} precision={self.precision} device={self.device} "
-            f"patch={patch} batch={self.batch_size} patches={self.n_patches}{slabs} | {scale} | {stages} wall={self.wall_s:.2f}s | "
-            f"{self.voxels_per_second / 1e6:.2f} Mvoxel/s peak RSS {self.peak_rss_mb:.0f} MB"
-        )
-
-    @property
-    def voxel_size_um(self) -> tuple[float, float, float] | None:
-        """The input's voxel size the run used (file or option), or None."""
-        return self.scale.voxel_size_um if self.scale else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "voxels_per_second": self.voxels_per_second}
-
-
 @dataclass(frozen=True)
 class SegmentResult:
     """``labels``: ``(Z, Y, X)`` uint32, 0 = background; ``probabilities``: ``(K, Z, Y, X)`` float32.
@@ -163,13 +109,6 @@ class SegmentResult:
     @property
     def n_cells(self) -> int:
         return self.report.n_cells
-
-
-@contextmanager
-def _timed(report: RunReport, stage: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    report.timings[stage] = report.timings.get(stage, 0.0) + time.perf_counter() - start
 
 
 def _postprocess_spec(bundle: Bundle, options: SegmentOptions) -> PostprocessSpec:
@@ -260,21 +199,26 @@ def _run(
     spec = _postprocess_spec(bundle, options)
     c, z, y, x = source.shape
     report = RunReport(shape=tuple(source.shape))
-    with _timed(report, "normalize"):
-        if isinstance(source, ArraySource):
-            stats = normalization_stats(source.data, bundle.normalization)
-        else:
-            stats = volume_stats(source, bundle.normalization, dtype=getattr(source, "dtype", np.dtype(np.float32)))
+    with report.timed("normalize"):
+        try:
+            if isinstance(source, ArraySource):
+                stats = normalization_stats(source.data, bundle.normalization)
+            else:
+                stats = volume_stats(source, bundle.normalization, dtype=getattr(source, "dtype", np.dtype(np.float32)))
+        except InputError as exc:  # NaN or constant content: name the file when there is one
+            if getattr(source, "path", None) is None:
+                raise
+            raise InputError(f"{source.path}: {exc}") from exc  # type: ignore[attr-defined]
     owned = backend is None
-    with _timed(report, "load"):
+    with report.timed("load"):
         if backend is None:
             backend_options = BackendOptions(precision=options.precision, threads=options.threads)
             backend = select_backend(options.backend, bundle, options=backend_options)
     try:
-        with _timed(report, "scale"):
+        with report.timed("scale"):
             scale = _scale(source, stats, bundle, options, voxel_size_um, backend)
         spec = scale.postprocess(spec)
-        with _timed(report, "load"):
+        with report.timed("load"):
             tiling, report.fit, model_patch = _tiling(bundle, options, (z, y, x), backend, scale)
         k = len(bundle.output.names)
         memory = int(options.memory_limit_gib * 2**30) if options.memory_limit_gib else None
@@ -321,11 +265,11 @@ def _finish(
 ) -> SegmentResult:
     """Final ids for every cell, then the label file (and the probability file renamed into place)."""
     try:
-        with _timed(report, "postprocess"):
+        with report.timed("postprocess"):
             final = labeler.finish()
         report.n_cells, report.orphan_seeds = final.n_cells, labeler.orphan_seeds
         chunks = prefetched(store.relabel(final.lut, chunk=max(1, labeler.depth)))
-        with _timed(report, "write"):
+        with report.timed("write"):
             if outputs.output_path is None:
                 for _ in chunks:
                     pass
@@ -418,9 +362,6 @@ def segment_file(
     io.refuse_overwrites(input_path, output_path, prob_path)
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
-    for target in (output_path, prob_path):
-        if target is not None and not Path(target).parent.is_dir():
-            raise InputError(f"{target}: folder {Path(target).parent} does not exist")
     started = time.perf_counter()
     with io.open_volume(input_path, channel=channel, channels=bundle.in_channels) as reader:
         opened = time.perf_counter() - started

@@ -1,8 +1,9 @@
 """Backend registry and selection.
 
 ``select_backend('auto')`` walks :data:`BACKEND_ORDER`, importing each backend lazily (a missing runtime
-costs only its own backend) and logging why each one it passes over cannot run. An explicit choice that
-cannot run raises :class:`BackendUnavailableError` with the reason; it is never silently replaced.
+costs only its own backend) and logging why each one it passes over cannot run; a backend whose constructor
+finds the bundle unusable for it (a stale ONNX, a corrupt plan) is skipped with a warning too. An explicit
+choice that cannot run raises with the reason; it is never silently replaced.
 """
 
 from __future__ import annotations
@@ -10,25 +11,16 @@ from __future__ import annotations
 import importlib
 import logging
 
+from ..backend_names import BACKEND_CHOICES, BACKEND_MODULES, BACKEND_ORDER
 from ..bundle import Bundle
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, BundleError
 from .base import Backend, BackendOptions
 
 __all__ = ["Backend", "BackendOptions", "BACKEND_ORDER", "BACKEND_CHOICES", "backend_class", "backend_status", "select_backend"]
 
 logger = logging.getLogger(__name__)
 
-# name -> (module, class); fastest first, as ``auto`` tries them (DESIGN.md, issue 4). ``ort-cpu`` is last:
-# on the project's CPU ONNX Runtime is slower than torch.
-_REGISTRY: dict[str, tuple[str, str]] = {
-    "tensorrt": ("trt_backend", "TensorRTBackend"),
-    "ort-gpu": ("ort_backend", "OrtGPUBackend"),
-    "torch-cuda": ("torch_backend", "TorchCUDABackend"),
-    "torch-cpu": ("torch_backend", "TorchCPUBackend"),
-    "ort-cpu": ("ort_backend", "OrtCPUBackend"),
-}
-BACKEND_ORDER: tuple[str, ...] = tuple(_REGISTRY)
-BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKEND_ORDER)
+_REGISTRY = BACKEND_MODULES  # name -> (module, class), see engine.backend_names
 
 
 def backend_class(name: str, /) -> type[Backend]:
@@ -77,7 +69,7 @@ def select_backend(name: str, bundle: Bundle, /, *, options: BackendOptions | No
         if reason is None:
             try:
                 return cls(bundle, options=options)
-            except BackendUnavailableError as exc:  # this bundle cannot run here (e.g. not exported, no plan)
+            except (BackendUnavailableError, BundleError) as exc:  # not exported, stale ONNX, corrupt plan, CPU session
                 if name != "auto":
                     raise
                 logger.warning("backend %s skipped: %s", candidate, exc)

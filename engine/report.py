@@ -1,0 +1,114 @@
+"""What a run did: backend, precision, patch, scale, cell count and the time of each stage.
+
+The CLI prints :meth:`RunReport.summary` and writes :meth:`RunReport.write_json` for ``--report``; the
+Python API returns the same object in ``SegmentResult.report``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import atomic_write_bytes
+from .scale import ScalePlan
+
+__all__ = ["RunReport", "versions"]
+
+_PACKAGES = ("cellseg3d", "torch", "numpy", "scipy", "scikit-image", "tifffile", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+
+
+def versions() -> dict[str, str]:
+    """Python and the installed versions of the packages a run depends on (absent ones left out)."""
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+@dataclass
+class RunReport:
+    """What ran and how long each stage took (seconds).
+
+    The stages overlap when a volume is streamed, so their sum can exceed ``wall_s``. ``n_slabs`` > 1
+    means the volume was streamed in ``slab_depth``-plane slabs with ``halo`` planes of watershed halo;
+    ``orphan_seeds`` counts seeds beyond a slab that flooded into it but that the next slab did not find
+    (a sign the halo is too small, see :mod:`engine.stitch`). ``oom_retries``: times the batch was halved
+    after the device ran out of memory; ``batch_size`` is the batch in use at the end. ``fit``: where the
+    patch and batch came from (:class:`engine.fitting.Fit`). ``peak_rss_mb``: the process's peak resident
+    memory at the end of the run.
+    """
+
+    backend: str = ""
+    precision: str = ""
+    device: str = ""
+    patch_shape: tuple[int, int, int] = (0, 0, 0)
+    batch_size: int = 0
+    n_patches: int = 0
+    shape: tuple[int, ...] = ()
+    n_cells: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    slab_depth: int = 0
+    halo: int = 0
+    n_slabs: int = 0
+    orphan_seeds: int = 0
+    oom_retries: int = 0
+    fit: str = ""
+    scale: ScalePlan | None = None
+    wall_s: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    @property
+    def voxels_per_second(self) -> float:
+        """End-to-end throughput: over the wall time when known, else over every timed stage."""
+        total = self.wall_s if self.wall_s > 0 else sum(self.timings.values())
+        return float(np.prod(self.shape[-3:])) / total if total > 0 else 0.0
+
+    def summary(self) -> str:
+        """One line for the CLI and logs."""
+        stages = " ".join(f"{k}={v:.2f}s" for k, v in self.timings.items())
+        patch = "x".join(map(str, self.patch_shape))
+        slabs = f" slabs={self.n_slabs}x{self.slab_depth}+halo{self.halo}" if self.n_slabs > 1 else ""
+        scale = self.scale.describe() if self.scale else "scale=?"
+        return (
+            f"{self.n_cells} cells | backend={self.backend} precision={self.precision} device={self.device} "
+            f"patch={patch} batch={self.batch_size} patches={self.n_patches}{slabs} | {scale} | {stages} wall={self.wall_s:.2f}s | "
+            f"{self.voxels_per_second / 1e6:.2f} Mvoxel/s peak RSS {self.peak_rss_mb:.0f} MB"
+        )
+
+    @property
+    def voxel_size_um(self) -> tuple[float, float, float] | None:
+        """The input's voxel size the run used (file or option), or None."""
+        return self.scale.voxel_size_um if self.scale else None
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the time spent inside the block to ``timings[stage]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything above as JSON types, plus the voxel size used, throughput and the software versions."""
+        doc = asdict(self)
+        doc["scale"] = None if self.scale is None else {**asdict(self.scale), "summary": self.scale.describe()}
+        return {**doc, "voxel_size_um": self.voxel_size_um, "voxels_per_second": self.voxels_per_second, "versions": versions()}
+
+    def write_json(self, path: str | os.PathLike[str], /, **extra: Any) -> Path:
+        """Write :meth:`to_dict` (plus ``extra`` keys, e.g. the input and output paths) atomically."""
+        text = json.dumps({**extra, **self.to_dict()}, indent=2, default=str) + "\n"
+        return atomic_write_bytes(path, text.encode())
