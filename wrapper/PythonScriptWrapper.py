@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# ruff: noqa: N999 - BisQue runs the module by this file name
 r"""CellSegment3DUnet, the BisQue module: fetch a 3D image, segment its cells with ``engine``, post the results.
 
 BisQue's engine runs, in the module folder (``/module`` in the image)::
@@ -32,76 +33,23 @@ import os
 import signal
 import sys
 import tempfile
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-__all__ = ["INPUTS", "Params", "UsageError", "build_parser", "resolve_params", "main"]
+try:
+    import wrapper  # noqa: F401 - pip-installed (the image), or a checkout on sys.path
+except ModuleNotFoundError:  # run as a script from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wrapper.inputs import INPUTS, Params, UsageError, resolve_params
+
+__all__ = ["INPUTS", "Params", "UsageError", "build_parser", "main", "resolve_params"]
 
 logger = logging.getLogger("cellseg3d.module")
 
 MODULE = "CellSegment3DUnet"
-INPUTS = ("resource_url", "threshold", "min_dist", "label_threshd")  # module-XML order
-_MISSING = ("", "none", "null")
-
-
-class UsageError(ValueError):
-    """Bad module arguments or MEX inputs; the message names the input and echoes its value."""
-
-
-class _Terminated(Exception):
-    """SIGTERM (``docker stop``): reported like any other failure."""
-
-
-@dataclass(frozen=True)
-class Params:
-    """The run's inputs after MEX / argument / bundle-default resolution; ``origin`` says where each came from."""
-
-    resource_url: str
-    threshold: float | None = None
-    min_dist: int | None = None
-    label_threshd: int | None = None
-    origin: dict[str, str] = field(default_factory=dict)
-
-
-def _convert(name: str, raw: Any) -> str | float | int:
-    if name == "resource_url":
-        return str(raw).strip()
-    try:
-        number = float(raw)
-    except (TypeError, ValueError):
-        raise UsageError(f"{name} must be a number, got {raw!r}") from None
-    if name == "threshold":
-        if not 0.0 <= number <= 1.0:
-            raise UsageError(f"threshold must be between 0 and 1, got {raw!r}")
-        return number
-    if number < 0 or not number.is_integer():
-        raise UsageError(f"{name} must be a whole number >= 0, got {raw!r}")
-    return int(number)
-
-
-def resolve_params(positional: Sequence[str], mex_inputs: Mapping[str, Any], /) -> Params:
-    """Merge the inputs: an input the MEX has wins (empty there means the bundle's default); the positional
-    value counts only for an input the MEX lacks (or with no MEX), since BisQue may drop empty arguments.
-
-    Raises:
-        UsageError: no resource, or a value that is not a valid number for its input.
-    """
-    given = dict(zip(INPUTS, positional))
-    values: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    for name in INPUTS:
-        where, raw = ("MEX", mex_inputs[name]) if name in mex_inputs else ("argument", given.get(name))
-        if raw is None or str(raw).strip().lower() in _MISSING:
-            origin[name] = "bundle default"
-        else:
-            values[name], origin[name] = _convert(name, raw), where
-    if "resource_url" not in values:
-        raise UsageError("no resource_url: give it as the first argument or as the MEX input 'resource_url'")
-    return Params(**values, origin=origin)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,170 +107,69 @@ def _configure_logging(verbose: bool, log_file: Path | None, secrets: Sequence[s
     return formatter
 
 
-def _one_line(exc: BaseException, stage: str, secrets: Sequence[str]) -> str:
-    """``stage: what went wrong`` on one line (BisQue errors already say where), secrets masked."""
-    from wrapper.bisque_io import BisqueError
-
-    errors = sys.modules.get("engine.errors")  # not imported yet: cannot be an engine error (and spare torch)
-    plain = (BisqueError, UsageError, _Terminated) + ((errors.CellSegError,) if errors is not None else ())
-    detail = str(exc) if isinstance(exc, plain) else f"{type(exc).__name__}: {exc}"
-    text = " ".join((detail if isinstance(exc, BisqueError) else f"{stage}: {detail}").split())
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text[:600]
-
-
-def _metadata(result: Any, params: Params, bundle: Any, voxel: tuple[float, ...] | None,
-              io_s: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """The ``Metadata`` output: what ran, with which parameters, and the seconds per stage (``io_s``: the
-    wrapper's own, such as fetch and upload)."""
-    report = result.report
-    timings = {**report.timings, **(io_s or {})}
-    return {
-        "cell_count": report.n_cells, "backend": report.backend, "precision": report.precision,
-        "device": report.device, "patch_shape": "x".join(map(str, report.patch_shape)),
-        "batch_size": report.batch_size, "model": bundle.name, "input": params.resource_url,
-        "image_shape": "x".join(map(str, report.shape[-3:])),
-        "voxel_size_um": "x".join(f"{v:g}" for v in voxel) if voxel else "unknown",
-        "threshold": params.threshold if params.threshold is not None else bundle.postprocess.threshold,
-        "min_dist": params.min_dist if params.min_dist is not None else bundle.postprocess.min_dist,
-        "label_threshd": params.label_threshd if params.label_threshd is not None else bundle.postprocess.label_threshd,
-        "timings": {**{k: round(v, 3) for k, v in timings.items()}, "total": round(sum(timings.values()), 3)},
-    }
-
-
-def _tag(name: str, value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        return {"name": name, "tag": [_tag(k, v) for k, v in value.items()]}
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return {"name": name, "value": str(value), **({"type": "number"} if numeric else {})}
-
-
-def outputs_tag(segmentation_uri: str, table_uri: str, metadata: Mapping[str, Any], /) -> dict[str, Any]:
-    """The MEX ``outputs`` tag as bqapi tag dicts."""
-    return {"name": "outputs", "tag": [
-        {"name": "Segmentation", "type": "image", "value": segmentation_uri},
-        {"name": "Cell table", "type": "table", "value": table_uri},
-        _tag("Metadata", dict(metadata)),
-    ]}
-
-
-class _Run:
-    """One module run: the steps, and ``stage`` for the failure message."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.stage = "starting"
-        self._bundle: Any = None
-
-    def bundle(self) -> Any:
-        """The model bundle, loaded once (before any download, so a missing model fails fast)."""
-        if self._bundle is None:
-            from engine import load_bundle
-
-            self.stage = "loading the model"
-            self._bundle = load_bundle(self.args.bundle)
-        return self._bundle
-
-    def segment(self, image: Path, out_dir: Path, params: Params, progress: Any,
-                voxel_size_um: tuple[float, float, float] | None = None) -> tuple[Any, Path, Path, Any]:
-        """Segment ``image`` into ``out_dir`` (``voxel_size_um``: from the image's metadata, overriding the
-        file's: the image service re-encodes TIFFs without ImageJ spacing); returns (result, labels path,
-        table path, voxel size)."""
-        from engine import SegmentOptions, segment_file
-
-        bundle = self.bundle()
-        self.stage = f"segmenting {image.name}"
-        stem = image.name.split(".")[0] or "image"
-        labels_path, table_path = out_dir / f"{stem}_labels.tif", out_dir / f"{stem}_cells.csv"
-        options = SegmentOptions(backend=self.args.backend, threshold=params.threshold, min_dist=params.min_dist,
-                                 label_threshd=params.label_threshd, voxel_size_um=voxel_size_um)
-        result = segment_file(image, labels_path, bundle=bundle, options=options, progress=progress)
-        logger.info("%s: %s", image.name, result.report.summary())
-        self.stage = "measuring cells"
-        return result, labels_path, table_path, result.report.voxel_size_um
-
-    def local(self, inputs: Sequence[str]) -> dict[str, Any]:
-        """``--local``: segment a TIFF into ``--out-dir``; no BisQue."""
-        from engine.cells import cell_table, write_cell_table_csv
-
-        params = resolve_params(inputs, {})
-        result, labels_path, table_path, voxel = self.segment(Path(params.resource_url), self.args.out_dir, params, None)
-        write_cell_table_csv(table_path, cell_table(result.labels, voxel_size_um=voxel))
-        return {"Segmentation": str(labels_path), "Cell table": str(table_path),
-                "Metadata": _metadata(result, params, self.bundle(), voxel)}
-
-    def bisque(self, bq: Any, mex: Any, inputs: Sequence[str], workdir: Path) -> dict[str, Any]:
-        """Inputs -> fetch -> segment -> measure -> upload -> FINISHED (checked)."""
-        from engine.cells import cell_table, write_cell_table_csv
-        from wrapper.bisque_io import BisqueError, fetch_resource, upload_file, voxel_size_from_meta
-
-        self.stage = "reading the inputs"
-        params = resolve_params(inputs, bq.parameters() if bq.mex is not None else {})
-        logger.info("inputs: %s", ", ".join(f"{k}={getattr(params, k)} ({v})" for k, v in params.origin.items()))
-        self.bundle()
-        self.stage = "fetching the image"
-        mex.update("fetching image")
-        started = time.perf_counter()
-        fetched = fetch_resource(bq, params.resource_url, workdir, source=self.args.source)
-        io_s = {"fetch": time.perf_counter() - started}
-        mex.update("segmenting 0%")
-        meta_voxel = voxel_size_from_meta(bq, fetched.uniq) if fetched.kind == "image" else None
-        result, labels_path, table_path, voxel = self.segment(
-            fetched.path, workdir, params, mex.progress("segmenting"), voxel_size_um=meta_voxel
-        )
-        write_cell_table_csv(table_path, cell_table(result.labels, voxel_size_um=voxel))
-        self.stage = "uploading results"
-        mex.update("uploading results")
-        folder, started = f"ModuleExecutions/{MODULE}", time.perf_counter()
-        segmentation = upload_file(bq, labels_path, kind="image", name=f"{folder}/{labels_path.name}")
-        try:
-            table_uri = upload_file(bq, table_path, kind="table", name=f"{folder}/{table_path.name}")
-        except BisqueError as exc:
-            raise BisqueError(f"{exc}; the label image had been uploaded as {segmentation}") from exc
-        io_s["upload"] = time.perf_counter() - started
-        metadata = _metadata(result, params, self.bundle(), voxel, io_s)
-        self.stage = "finishing the MEX"
-        mex.finish(outputs_tag(segmentation, table_uri, metadata))
-        return {"Segmentation": segmentation, "Cell table": table_uri, "Metadata": metadata}
-
-
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated(f"stopped by {signal.Signals(signum).name}")
+    from wrapper.errors import Terminated
+
+    raise Terminated(f"stopped by {signal.Signals(signum).name}")
 
 
-def _run_bisque(run: _Run, inputs: Sequence[str], mex_url: str | None, token: str | None,
-                secrets: Sequence[str]) -> int:
-    from wrapper.bisque_io import HttpPolicy, open_mex_session, open_user_session
+def _report_failure(exc: BaseException, run: Any, session: Any, mex_url: str | None, token: str | None,
+                    secrets: Sequence[str]) -> None:
+    """Mark the MEX FAILED with a one-line message (through the session, else straight by URL)."""
+    from wrapper.bisque_io import HttpPolicy
+    from wrapper.errors import one_line
     from wrapper.mex import Mex, post_status_directly
 
-    args, policy, mex, bq = run.args, HttpPolicy.from_env(), Mex(None), None
+    message = one_line(exc, run.stage, secrets)
+    logger.debug("traceback", exc_info=exc)
+    logger.error("FAILED: %s", message)
+    if session is not None and session.mex is not None:
+        told = Mex(session).fail(message)
+    elif mex_url is not None and token is not None and getattr(exc, "reportable", True):
+        told = post_status_directly(mex_url, token, message, policy=HttpPolicy.from_env())
+    else:
+        told = mex_url is None  # by hand there is no MEX to tell
+    if not told:
+        logger.error("the MEX could not be marked FAILED; BisQue will see the nonzero exit status")
+    print(f"{MODULE} failed: {message}", file=sys.stderr)
+
+
+def _run_bisque(run: Any, inputs: list[str], mex_url: str | None, token: str | None,
+                secrets: Sequence[str]) -> int:
+    from wrapper.bisque_io import HttpPolicy, open_mex_session, open_user_session
+    from wrapper.errors import Terminated
+
+    args, policy, session = run.args, HttpPolicy.from_env(), None
     try:
         with tempfile.TemporaryDirectory(prefix="cellseg3d-", dir=args.workdir) as workdir:
             run.stage = "opening the BisQue session"
             if mex_url is not None and token is not None:
-                bq = open_mex_session(mex_url, token, policy=policy)
+                session = open_mex_session(mex_url, token, policy=policy)
             else:
-                bq = open_user_session(args.root, args.user, args.pwd, policy=policy)
-            mex = Mex(bq)
-            outputs = run.bisque(bq, mex, inputs, Path(workdir))
-    except (Exception, KeyboardInterrupt) as exc:  # the module's boundary: every failure goes to the MEX
-        message = _one_line(exc, run.stage, secrets)
-        logger.debug("traceback", exc_info=True)
-        logger.error("FAILED: %s", message)
-        if mex.bq is not None:
-            told = mex.fail(message)
-        elif mex_url is not None and token is not None and getattr(exc, "reportable", True):
-            told = post_status_directly(mex_url, token, message, policy=policy)
-        else:
-            told = mex_url is None  # by hand there is no MEX to tell
-        if not told:
-            logger.error("the MEX could not be marked FAILED; BisQue will see the nonzero exit status")
-        print(f"{MODULE} failed: {message}", file=sys.stderr)
+                session = open_user_session(args.root, args.user, args.pwd, policy=policy)
+            outputs = run.bisque(session, inputs, Path(workdir))
+    except (Exception, KeyboardInterrupt, Terminated) as exc:  # noqa: BLE001 - the boundary: every failure goes to the MEX
+        _report_failure(exc, run, session, mex_url, token, secrets)
         return 1
+    finally:
+        run.close()
     print(json.dumps(outputs, indent=1))
-    logger.info("FINISHED: %s", outputs["Segmentation"])
+    logger.info("FINISHED")
+    return 0
+
+
+def _run_local(run: Any, inputs: list[str], secrets: Sequence[str]) -> int:
+    from wrapper.errors import Terminated, one_line
+
+    try:
+        outputs = run.local(inputs)
+    except (Exception, KeyboardInterrupt, Terminated) as exc:
+        logger.debug("traceback", exc_info=exc)
+        print(f"{MODULE} failed: {one_line(exc, run.stage, secrets)}", file=sys.stderr)
+        return 1
+    finally:
+        run.close()
+    print(json.dumps(outputs, indent=1))
     return 0
 
 
@@ -345,23 +192,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     secrets = [s for s in (token, args.pwd) if s]
     _configure_logging(args.verbose, args.log_file, secrets)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    run = _Run(args)
-    if not args.local:
-        return _run_bisque(run, positional, mex_url, token, secrets)
-    try:
-        outputs = run.local(positional)
-    except (Exception, KeyboardInterrupt) as exc:  # the CLI's boundary: one line, nonzero exit
-        logger.debug("traceback", exc_info=True)
-        print(f"{MODULE} failed: {_one_line(exc, run.stage, secrets)}", file=sys.stderr)
-        return 1
-    print(json.dumps(outputs, indent=1))
-    return 0
+    from wrapper.module_run import ModuleRun
+
+    run = ModuleRun(args, secrets=secrets)
+    if args.local:
+        return _run_local(run, positional, secrets)
+    return _run_bisque(run, positional, mex_url, token, secrets)
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):  # run as a script: make a checkout that is not pip-installed importable
-        try:
-            import wrapper  # noqa: F401
-        except ModuleNotFoundError:
-            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())

@@ -20,7 +20,6 @@ import os
 import re
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,22 @@ from bqapi.exception import BQCommError
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-__all__ = ["BisqueError", "HttpPolicy", "Fetched", "describe", "new_session", "open_mex_session", "open_user_session",
-           "fetch_resource", "voxel_size_from_meta", "upload_file", "get_xml", "BoundedAdapter"]
+__all__ = [
+    "BisqueError",
+    "BoundedAdapter",
+    "Fetched",
+    "HttpPolicy",
+    "check_response",
+    "dataset_members",
+    "describe",
+    "fetch_resource",
+    "get_xml",
+    "new_session",
+    "open_mex_session",
+    "open_user_session",
+    "upload_file",
+    "voxel_size_from_meta",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +130,8 @@ def describe(exc: BaseException, /) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _check(response: requests.Response, what: str) -> None:
+def check_response(response: requests.Response, what: str, /) -> None:
+    """Raise :class:`BisqueError` (one line: what, and the HTTP status) unless the answer is 200."""
     code = response.status_code
     if code == 200:
         return
@@ -133,7 +147,7 @@ def _get(bq: BQSession, url: str, what: str, **kwargs: Any) -> requests.Response
         response = bq.c.get(url, **kwargs)
     except requests.RequestException as exc:
         raise BisqueError(f"{what}: {describe(exc)}") from exc
-    _check(response, what)
+    check_response(response, what)
     return response
 
 
@@ -245,8 +259,7 @@ def fetch_resource(bq: BQSession, resource_url: str, dest_dir: Path, /, *, sourc
     kind, uniq = doc.tag, doc.get("resource_uniq", "")
     name = doc.get("name") or uniq or "input"
     if kind == "dataset":
-        raise BisqueError(f"{resource_url} is a dataset; BisQue runs the module once per image when the module "
-                          "XML declares execute_options/iterable, so pass one of its images")
+        raise BisqueError(f"{resource_url} is a dataset: segment its members (dataset_members), one at a time")
     if not uniq:
         raise BisqueError(f"{resource_url}: the document has no resource_uniq (a <{kind}>)")
     if source == "auto":
@@ -263,6 +276,19 @@ def fetch_resource(bq: BQSession, resource_url: str, dest_dir: Path, /, *, sourc
         raise BisqueError(f"{name} ({url}): not a TIFF; the server sent {size} bytes starting with {head[:24]!r}")
     logger.info("%s: %d bytes from %s", name, size, url)
     return Fetched(path=dest, name=name, kind=kind, uniq=uniq, url=url)
+
+
+def dataset_members(bq: BQSession, dataset_url: str, /) -> list[str] | None:
+    """The member URIs of a dataset (``./value`` of its deep document, the xpath BisQue's module service
+    iterates over: ``module_server.create_mex``), or None when ``dataset_url`` is not a dataset.
+
+    Raises:
+        BisqueError: the document cannot be read.
+    """
+    doc = get_xml(bq, dataset_url, f"reading {dataset_url}", view="deep")
+    if doc.tag != "dataset":
+        return None
+    return [v.text.strip() for v in doc.findall("value") if v.text and v.text.strip()]
 
 
 def voxel_size_from_meta(bq: BQSession, uniq: str, /) -> tuple[float, float, float] | None:
@@ -305,6 +331,9 @@ def upload_file(bq: BQSession, path: Path, /, *, kind: str, name: str) -> str:
         doc = ET.fromstring(answer)
     except ET.ParseError as exc:
         raise BisqueError(f"uploading {name}: the answer is not XML ({exc})") from exc
+    error = next((t.get("value") for t in doc.iter("tag") if t.get("name") == "error"), None)
+    if error is not None:  # BisQue's import service answers 200 with <tag name="error"> when ingest fails
+        raise BisqueError(f"uploading {name}: the server refused it ({' '.join(str(error).split())[:200]})")
     uri = next((e.get("uri") for e in doc.iter() if e.get("uri") and e is not doc), None) or doc.get("uri")
     if not uri:
         raise BisqueError(f"uploading {name}: the answer names no resource ({answer[:120]!r})")
