@@ -10,11 +10,13 @@ import argparse
 import importlib
 import json
 import logging
+import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .cli_args import parse_shape
+from .cli_segment import add_segment
 from .errors import InputError
 
 __all__ = ["build_parser", "main", "parse_shape"]
@@ -23,62 +25,32 @@ logger = logging.getLogger("engine")
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+HANDLED_SIGNALS = ("SIGTERM", "SIGHUP")  # SIGINT arrives as KeyboardInterrupt
 
 
-def parse_shape(text: str) -> tuple[int, int, int]:
-    """argparse type for ``Z,Y,X`` (or ``ZxYxX``) positive integers; plug-in CLIs use it too."""
-    parts = text.replace("x", ",").split(",")
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X integers, got {text!r}") from None
-    if len(values) != 3 or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected 3 positive integers Z,Y,X, got {text!r}")
-    return values  # type: ignore[return-value]
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (the usage block is one ``--help`` away)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _parse_voxel_size(text: str) -> tuple[float, float, float]:
-    """``"2,0.5,0.5"`` -> ``(2.0, 0.5, 0.5)`` (Z,Y,X in µm, each > 0)."""
-    try:
-        values = tuple(float(p) for p in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Z,Y,X in µm, got {text!r}") from None
-    if len(values) != 3 or not all(v > 0 and v < float("inf") for v in values):
-        raise argparse.ArgumentTypeError(f"expected 3 positive numbers Z,Y,X in µm, got {text!r}")
-    return values  # type: ignore[return-value]
+class Interrupted(BaseException):
+    """A termination signal, raised in the main thread so every ``finally`` and ``except BaseException``
+    on the way out runs (temporary outputs are removed there); not an ``Exception``, like KeyboardInterrupt."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
-def _add_segment(sub: argparse._SubParsersAction) -> None:
-    from .backends import BACKEND_CHOICES
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
 
-    p = sub.add_parser("segment", help="segment cells in a 3D TIFF stack", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("input", type=Path, help="3D TIFF (ZYX, CZYX, ImageJ hyperstack or OME-TIFF)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="label TIFF to write")
-    p.add_argument("--bundle", type=Path, default=None, help="model bundle directory (default: the shipped model)")
-    p.add_argument("--channel", type=int, default=None, help="channel to segment in a multi-channel image")
-    p.add_argument("--prob", type=Path, default=None, help="also write the probability map here")
-    run = p.add_argument_group("inference")
-    run.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="inference backend")
-    run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="arithmetic precision")
-    run.add_argument("--patch", type=parse_shape, default=None, help="patch Z,Y,X (default: the bundle's)")
-    run.add_argument("--overlap", type=float, default=None, help="patch overlap fraction (default: the bundle's)")
-    run.add_argument("--batch", type=int, default=None, help="patches per batch (default: 1 on CPU, fitted to the free memory on CUDA)")
-    run.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
-    scale = p.add_argument_group("scale (the network runs at the cell size and voxel grid it was trained at)")
-    scale.add_argument("--voxel-size", type=_parse_voxel_size, default=None, help="Z,Y,X in µm (default: the file's, if it says)")
-    scale.add_argument("--cell-diameter", type=float, default=None,
-                       help="typical cell diameter: µm with a voxel size, else xy voxels (default: estimated from the data)")
-    scale.add_argument("--rescale", choices=("auto", "off"), default="auto", help="off: run on the input grid as it is")
-    big = p.add_argument_group("big stacks (streamed in z-slabs when the working set exceeds the memory limit)")
-    big.add_argument("--memory-limit", type=float, default=None, help="host working-memory budget in GiB (default: 2, at most half the free memory)")
-    big.add_argument("--slab-depth", type=int, default=None, help="planes per z-slab (default: from the memory limit)")
-    big.add_argument("--halo", type=int, default=None, help="watershed halo planes on each side of a slab (default: max(8, 2*min-dist))")
-    post = p.add_argument_group("post-processing (defaults from the bundle)")
-    post.add_argument("--threshold", type=float, default=None, help="cell-interior probability threshold")
-    post.add_argument("--min-dist", type=int, default=None, help="minimum distance between watershed seeds (voxels at the model's scale)")
-    post.add_argument("--label-threshd", type=int, default=None, help="drop cells smaller than this (voxels at the model's scale)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_segment)
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line (library messages can span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -131,10 +103,10 @@ PLUGIN_MODULES = ("export.cli", "benchmarks.cli")
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (kept apart from ``main`` so docs and tests can inspect it)."""
-    parser = argparse.ArgumentParser(prog="cellseg3d", description="3D cell segmentation with a 3D UNet, fast.")
+    parser = _Parser(prog="cellseg3d", description="3D cell segmentation with a 3D UNet, fast.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_segment, _add_sample, _add_score, _add_info, _add_bundle):
+    for add in (add_segment, _add_sample, _add_score, _add_info, _add_bundle):
         add(sub)
     for name in PLUGIN_MODULES:
         try:
@@ -145,39 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module.register(sub)
     return parser
-
-
-def _progress_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
-    if not enabled:
-        return None, lambda: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, unit="vox", unit_scale=True, file=sys.stderr, leave=False)
-
-    def update(done: int, total: int) -> None:  # voxels with final labels (SegmentOptions.progress_unit="voxel")
-        bar.total = total
-        bar.update(done - bar.n)
-
-    return update, bar.close
-
-
-def _cmd_segment(args: argparse.Namespace) -> int:
-    from .pipeline import SegmentOptions, segment_file
-
-    options = SegmentOptions(
-        backend=args.backend, precision=args.precision, patch_shape=args.patch, overlap=args.overlap,
-        batch_size=args.batch, threads=args.threads, threshold=args.threshold, min_dist=args.min_dist,
-        label_threshd=args.label_threshd, slab_depth=args.slab_depth, halo=args.halo,
-        memory_limit_gib=args.memory_limit, progress_unit="voxel", voxel_size_um=args.voxel_size,
-        cell_diameter=args.cell_diameter, rescale=args.rescale,
-    )
-    update, close = _progress_bar(not args.no_progress and sys.stderr.isatty())
-    try:
-        result = segment_file(args.input, args.output, bundle=args.bundle, options=options, channel=args.channel, prob_path=args.prob, progress=update)
-    finally:
-        close()
-    print(f"{args.output}: {result.report.summary()}")
-    return 0
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -240,23 +179,37 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 runtime failure, 2 usage or input error)."""
+    """Run the CLI; returns the exit status: 0 ok, 1 runtime failure, 2 usage or input error, 128 + n after
+    signal n (SIGINT, SIGTERM, SIGHUP), each failure with one line on stderr."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage error (one line printed) or --help
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    previous = {name: signal.signal(getattr(signal, name), _raise_interrupted) for name in HANDLED_SIGNALS if hasattr(signal, name)}
+    try:
+        return _dispatch(args)
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     from .errors import BackendUnavailableError, BundleError, CellSegError
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
     except (InputError, BundleError, BackendUnavailableError) as exc:
-        if args.verbose:
-            logger.exception("failed")
-        print(f"cellseg3d {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        code, text = EXIT_USAGE, f"error: {_one_line(exc)}"
     except (CellSegError, OSError, RuntimeError, MemoryError) as exc:
-        if args.verbose:
-            logger.exception("failed")
-        print(f"cellseg3d {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        code, text = EXIT_FAILURE, f"failed: {type(exc).__name__}: {_one_line(exc)}"
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
+        code, text = 128 + signum, f"interrupted by {signal.Signals(signum).name}; unfinished outputs removed"
+    if args.verbose:
+        logger.exception("failed")
+    print(f"cellseg3d {args.command}: {text}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

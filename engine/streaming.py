@@ -260,11 +260,17 @@ class _Pipeline:
         self.stop.set()
 
     def join(self, *, idle: Callable[[], None] | None = None) -> None:
-        for thread in self._threads:
-            while thread.is_alive():
-                thread.join(timeout=0.2)
-                if idle is not None:
-                    idle()
+        try:
+            for thread in self._threads:
+                while thread.is_alive():
+                    thread.join(timeout=0.2)
+                    if idle is not None:
+                        idle()
+        except BaseException as exc:  # a signal while waiting: stop every stage before it propagates
+            self.fail(exc)
+            for thread in self._threads:
+                thread.join()
+            raise
         if self.error is not None:
             raise self.error
 
