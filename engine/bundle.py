@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -22,14 +23,15 @@ from .errors import BundleError
 from .models import build_model, model_divisor
 
 __all__ = [
+    "DEFAULT_BUNDLE_DIR",
     "Bundle",
     "Normalization",
     "OutputSpec",
     "PostprocessSpec",
-    "DEFAULT_BUNDLE_DIR",
     "load_bundle",
     "load_state_dict",
     "make_bundle",
+    "read_state_dict",
     "write_bundle_json",
 ]
 
@@ -257,8 +259,27 @@ def load_bundle(path: str | os.PathLike[str] | None = None, /) -> Bundle:
     return bundle
 
 
-def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint: pytorch-3dunet's, the original module's or a bare one."""
+def _load_failure(exc: Exception) -> str:
+    """torch's refusal in one line, without its advice to load unsafely (``weights_only=False``)."""
+    text = " ".join(str(exc).split())
+    if "weights_only" not in text:
+        return f"{type(exc).__name__}: {text}"
+    found = re.search(r"(unsupported GLOBAL \S+|WeightsUnpickler error: .*?)(?: Check the documentation|$)", text)
+    why = found.group(1).rstrip(". ") if found else "not plain tensors"
+    return f"refused by the safe loader, which takes only tensors and plain containers ({why})"
+
+
+def read_state_dict(path: Path, /) -> dict[str, torch.Tensor]:
+    """The state dict in checkpoint ``path`` (pytorch-3dunet's, the original module's or a bare one), read
+    with ``weights_only=True``; a ``module.`` prefix (DataParallel) is dropped.
+
+    Raises:
+        BundleError: unreadable file, or no tensors where a state dict should be.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types (pickle, zip, RuntimeError) for a bad file
+        raise BundleError(f"{path}: cannot load checkpoint: {_load_failure(exc)}") from exc
     if isinstance(obj, dict):
         for key in ("model_state_dict", "state_dict"):
             if key in obj and isinstance(obj[key], dict):
@@ -277,11 +298,7 @@ def load_state_dict(model: nn.Module, path: Path, /) -> None:
     Raises:
         BundleError: unreadable file, or keys/shapes that do not match the architecture.
     """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types (pickle, zip, RuntimeError) for a bad file
-        raise BundleError(f"{path}: cannot load checkpoint: {type(exc).__name__}: {exc}") from exc
-    state = _extract_state_dict(obj, path)
+    state = read_state_dict(path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

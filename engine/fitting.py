@@ -2,7 +2,7 @@
 
 The network is fully convolutional, so a larger patch wastes less compute on overlap. On CUDA the largest
 patch (a multiple of the network's divisor, no larger than the volume needs; torch backends only, engines
-built for a patch keep it) and batch that fit the free device memory with a margin are chosen from
+built for a patch keep it: ``Backend.can_grow_patch``) and batch that fit the free device memory with a margin are chosen from
 measurements: one forward pass at batch 1 and 2 per candidate
 patch gives ``bytes(batch) = base + batch * per_patch``. Measurements are cached per device, backend,
 precision and bundle in a small JSON file, so only the first run on a device pays for them. On the CPU the
@@ -30,7 +30,7 @@ from .bundle import Bundle
 from .errors import InputError
 from .tiling import fit_patch_shape
 
-__all__ = ["Fit", "BackoffRunner", "fit_tiling", "default_cache_dir", "MEMORY_MARGIN"]
+__all__ = ["MEMORY_MARGIN", "BackoffRunner", "Fit", "default_cache_dir", "fit_tiling"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _candidates(base: Sequence[int], volume_shape: Sequence[int], divisor: int) 
     for sz in _SCALES_Z:
         for syx in _SCALES_YX:
             raw = (base[0] * sz, base[1] * syx, base[2] * syx)
-            patch = tuple(max(divisor, int(round(p / divisor)) * divisor) for p in raw)
+            patch = tuple(max(divisor, round(p / divisor) * divisor) for p in raw)
             fitted = fit_patch_shape(volume_shape, patch, divisor)
             if math.prod(fitted) <= MAX_PATCH_VOXELS:
                 found.add(fitted)
@@ -102,7 +102,7 @@ def _measure_cuda(backend: Backend, channels: int) -> Measure:
             out = backend.run(torch.zeros((batch, channels, *patch), device=device))
             torch.cuda.synchronize(device)
             del out
-        except torch.cuda.OutOfMemoryError:
+        except backend.oom_errors:
             torch.cuda.empty_cache()
             return math.inf
         peak = torch.cuda.max_memory_allocated(device) - allocated
@@ -167,12 +167,12 @@ def fit_tiling(
     }
     path = (cache_dir or default_cache_dir()) / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".json")
     table, cached = _load_cache(path, key)
-    if patch_shape is not None or not backend.name.startswith("torch"):
+    if patch_shape is not None or not backend.can_grow_patch:
         # engines built for a patch (ONNX Runtime's TensorRT EP, TensorRT) keep it: only the batch is fitted
         candidates = [fit_patch_shape(volume_shape, patch_shape or bundle.patch_shape, divisor)]
     else:
         candidates = _candidates(bundle.patch_shape, volume_shape, divisor)
-    max_batch = min(MAX_BATCH, backend.options.max_batch) if not backend.name.startswith("torch") else MAX_BATCH
+    max_batch = MAX_BATCH if backend.can_grow_patch else min(MAX_BATCH, backend.options.max_batch)
     budget = free_bytes * MEMORY_MARGIN
     best: tuple[tuple[int, int, int], int] | None = None
     for patch in candidates:
@@ -225,11 +225,16 @@ class BackoffRunner:
     Args:
         run: the backend's ``run``.
         batch_size: the largest batch to try.
+        oom_errors: what counts as running out of device memory (the backend's ``oom_errors``).
     """
 
-    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], /, *, batch_size: int) -> None:
+    def __init__(
+        self, run: Callable[[torch.Tensor], torch.Tensor], /, *, batch_size: int,
+        oom_errors: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,),
+    ) -> None:
         self._run = run
         self.batch_size = batch_size
+        self.oom_errors = oom_errors
         self.oom_retries = 0
 
     def __call__(self, batch: torch.Tensor, /) -> torch.Tensor:
@@ -243,7 +248,7 @@ class BackoffRunner:
             return torch.cat(parts)
         try:
             return self._run(batch)
-        except torch.cuda.OutOfMemoryError as exc:
+        except self.oom_errors as exc:
             if n == 1:
                 raise torch.cuda.OutOfMemoryError(
                     f"out of device memory with a single patch of {tuple(batch.shape[2:])}; pass a smaller --patch ({exc})"

@@ -24,7 +24,7 @@ from scipy.sparse.csgraph import connected_components
 
 from engine.errors import InputError
 
-__all__ = ["InstanceScores", "match_instances", "foreground_dice"]
+__all__ = ["InstanceScores", "foreground_dice", "match_instances"]
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,18 @@ import onnxruntime as ort
 import torch
 
 from engine.backends.engine_key import FP16_FILE
+from engine.backends.gate import (
+    GateResult,
+    compare,
+    load_sample,
+    probabilities,
+    torch_probabilities,
+)
 from engine.bundle import Bundle, load_bundle, write_bundle_json
 from engine.errors import InputError
 
 from .checkpoint import bundle_from_checkpoint
 from .fp16 import convert_fp16
-from .gate import GateResult, compare, load_sample, probabilities, torch_probabilities
 from .onnx_export import DEFAULT_OPSET, OPSETS, export_onnx, ort_cpu_runner
 
 __all__ = ["ExportOptions", "ExportSummary", "export_bundle", "resolve_source"]

@@ -13,27 +13,19 @@ from typing import Any
 
 import torch
 
-from engine.bundle import Bundle, Normalization, OutputSpec, PostprocessSpec, make_bundle
+from engine.bundle import (
+    Bundle,
+    Normalization,
+    OutputSpec,
+    PostprocessSpec,
+    make_bundle,
+    read_state_dict,
+)
 from engine.errors import BundleError
 
 __all__ = ["bundle_from_checkpoint", "infer_architecture"]
 
 logger = logging.getLogger(__name__)
-
-
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types (pickle, zip, RuntimeError) for a bad file
-        raise BundleError(f"{path}: cannot load checkpoint: {type(exc).__name__}: {exc}") from exc
-    if isinstance(obj, dict):
-        for key in ("model_state_dict", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise BundleError(f"{path}: not a state dict (expected tensors, or a dict with 'model_state_dict' or 'state_dict')")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def infer_architecture(state: dict[str, torch.Tensor], /, *, where: Path) -> tuple[str, dict[str, Any], list[str]]:
@@ -72,7 +64,7 @@ def bundle_from_checkpoint(checkpoint: Path, out: Path, /) -> Bundle:
     Raises:
         BundleError: unreadable checkpoint, unknown architecture, or weights that do not load.
     """
-    state = _state_dict(checkpoint)
+    state = read_state_dict(checkpoint)
     arch, kwargs, assumed = infer_architecture(state, where=checkpoint)
     n_out = int(kwargs.get("out_channels", kwargs.get("n_classes", 1)))
     if arch == "Modified3DUNet":

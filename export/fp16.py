@@ -19,7 +19,7 @@ engines):
 - the converter's own block list (``Resize`` among others).
 
 :func:`fp32_report` reads the converted graph back and fails unless every normalization node's inputs and
-outputs are fp32; the accuracy gate (``export/gate.py``) then compares it with torch fp32.
+outputs are fp32; the accuracy gate (``engine/backends/gate.py``) then compares it with torch fp32.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from onnxconverter_common import __version__ as converter_version
 from onnxconverter_common import float16
 
 from engine.backends.engine_key import FP16_FILE, INPUT_NAME, sha256_file
+from engine.backends.gate import Sample
 from engine.bundle import Bundle
 
 from .errors import ExportError
-from .gate import Sample
 from .onnx_export import check_and_serialize, trace_model, write_model
 
 __all__ = ["NORMALIZATION_OPS", "OP_BLOCK_LIST", "OVERFLOW_LIMIT", "convert_fp16", "fp32_report", "overflow_nodes"]

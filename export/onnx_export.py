@@ -28,11 +28,11 @@ from numpy.typing import NDArray
 
 from engine.atomic import atomic_write_bytes
 from engine.backends.engine_key import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, sha256_file
+from engine.backends.gate import Sample, probabilities
 from engine.bundle import Bundle
 from engine.errors import InputError
 
 from .errors import ExportError
-from .gate import Sample, probabilities
 from .normalization import stabilize_normalization
 
 __all__ = ["DEFAULT_OPSET", "MAX_ABS_ERR", "OPSETS", "export_onnx", "ort_cpu_runner", "trace_model", "write_model"]
@@ -145,8 +145,8 @@ def export_onnx(
 
     Args:
         bundle: the bundle to export; its ``model.pt`` is traced on the CPU in fp32.
-        sample: the normalized sample volume (``export.gate.load_sample``).
-        reference: torch fp32 probabilities ``(K, Z, Y, X)`` on ``sample`` (``export.gate.torch_probabilities``).
+        sample: the normalized sample volume (``engine.backends.gate.load_sample``).
+        reference: torch fp32 probabilities ``(K, Z, Y, X)`` on ``sample`` (``engine.backends.gate.torch_probabilities``).
         opset: ONNX opset, one of ``OPSETS``.
         seed: seed of the random comparison batch.
 

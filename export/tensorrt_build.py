@@ -3,19 +3,18 @@
 Runs where the full ``tensorrt`` package and a CUDA GPU are present (a GPU build host, or the GPU host
 itself); elsewhere it records why it was skipped, and the engine builds the plan on its first run on a GPU
 host (``engine/backends/trt_backend.py``). The build itself (strongly typed network, one profile, workspace
-limit, timing cache, ``--lean``) is ``engine.backends.trt_build``; this module adds the full accuracy gate on
-the bundle's sample volume and the records.
+limit, timing cache, ``--lean``) and its gate are ``engine.backends.trt_plans``, shared with the engine's
+lazy build; this module adds the bundle.json records.
 
-``--lean`` makes a version-compatible plan with the lean runtime excluded. A module image can then ship
-only ``tensorrt_lean`` (about 45 MB instead of the full builder); the trade-offs: such an image cannot
-build or rebuild plans (a new GPU kind or TensorRT major version needs a new export), and
+``--lean`` makes a version-compatible plan that embeds the lean runtime. A module image can then ship only
+``tensorrt_lean`` of the same version (about 45 MB instead of the full builder); the trade-offs: such an
+image cannot build or rebuild plans (a new GPU kind or TensorRT version needs a new export), and
 version-compatible plans can be slower than plans built for one TensorRT version.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
@@ -24,13 +23,20 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from engine.backends.engine_key import FP16_FILE, EngineKey, engines_dir, plan_lock, verify_onnx, write_plan
+from engine.backends.engine_key import FP16_FILE, engines_dir, plan_lock, verify_onnx
+from engine.backends.gate import Sample
+from engine.backends.trt_backend import INSTALL_HINT
 from engine.backends.trt_build import (
-    BuildSettings, build_serialized_plan, check_max_batch, host_info, import_tensorrt, timing_cache_path,
+    BuildSettings,
+    check_max_batch,
+    host_info,
+    import_tensorrt,
+    timing_cache_path,
 )
+from engine.backends.trt_plans import PlanRequest, build_gated_plan, default_profile
+from engine.backends.trt_runtime import cuda_driver_version, cuda_mismatch
 from engine.bundle import Bundle, write_bundle_json
-
-from .gate import Sample, compare, probabilities
+from engine.errors import BackendUnavailableError
 
 __all__ = ["TrtBuildOptions", "build_plan_for_bundle", "skip_reason"]
 
@@ -48,13 +54,13 @@ class TrtBuildOptions:
 
 
 def skip_reason() -> str | None:
-    """Why no plan can be built here, or None when the full TensorRT and a CUDA GPU are present."""
+    """Why no plan can be built here, or None when the full TensorRT, a CUDA GPU and a fitting driver are present."""
     trt, can_build = import_tensorrt()
     if trt is None or not can_build:
-        return "the full TensorRT package is not installed (pip install tensorrt)"
+        return f"the full TensorRT package is not installed ({INSTALL_HINT})"
     if not torch.cuda.is_available():
         return f"torch {torch.__version__} sees no CUDA GPU"
-    return None
+    return cuda_mismatch(trt, driver=cuda_driver_version())
 
 
 def _gate_runtime(trt: ModuleType, *, lean: bool) -> ModuleType:
@@ -74,64 +80,56 @@ def _record(bundle: Bundle, value: dict[str, Any]) -> Bundle:
     return updated
 
 
+def _skipped(bundle: Bundle, reason: str) -> tuple[Bundle, str, bool]:
+    note = "the engine builds the plan on its first run on a GPU host"
+    return _record(bundle, {"skipped": reason, "note": note}), f"TensorRT plan: skipped ({reason}); {note}", True
+
+
 def build_plan_for_bundle(
     bundle: Bundle, /, *, sample: Sample, reference: NDArray[np.float32], options: TrtBuildOptions
 ) -> tuple[Bundle, str, bool]:
     """Build, gate and write the plan for this GPU and TensorRT; returns ``(bundle, summary line, passed)``.
 
-    A plan that fails the gate (foreground Dice < 0.99 against torch fp32 on the sample) is not written.
+    A plan that fails the gate (foreground Dice < 0.99 against torch fp32 on the sample) is not written; a
+    host where TensorRT cannot start CUDA records why it skipped.
 
     Raises:
         InputError: the batch would make an activation reach 2**31 elements.
         BundleError: TensorRT cannot parse ``model.fp16.onnx``.
     """
-    reason = skip_reason()
-    if reason is not None:
-        note = "the engine builds the plan on its first run on a GPU host"
-        bundle = _record(bundle, {"skipped": reason, "note": note})
-        return bundle, f"TensorRT plan: skipped ({reason}); {note}", True
-    from engine.backends.trt_backend import TrtEngine, default_profile
-
     trt, _ = import_tensorrt()
-    if trt is None:  # skip_reason() checked it; this narrows the type
-        raise RuntimeError("tensorrt disappeared between checks")
+    reason = skip_reason()
+    if reason is not None or trt is None:
+        return _skipped(bundle, reason or "TensorRT is not installed")
     device = torch.device("cuda", torch.cuda.current_device())
     check_max_batch(bundle, bundle.patch_shape, options.max_batch)
     profile = default_profile(bundle, bundle.patch_shape, max_batch=options.max_batch)
     if options.opt_batch is not None:
         profile = replace(profile, opt_batch=min(options.opt_batch, options.max_batch))
-    onnx_path = bundle.path / FP16_FILE
     host = host_info(trt, can_build=True, device=device)
-    key = EngineKey(
-        compute_capability=host.compute_capability, tensorrt_version=host.tensorrt_version,
-        onnx_sha256=verify_onnx(bundle, onnx_path), profile=profile, version_compatible=options.lean,
-    )
     directory = engines_dir(bundle)
-    with plan_lock(directory, key.stem()):
-        started = time.perf_counter()
-        settings = BuildSettings(
+    request = PlanRequest(
+        profile=profile, directory=directory, built_by="cellseg3d export",
+        settings=BuildSettings(
             workspace_bytes=int(options.workspace_gib * (1 << 30)), version_compatible=options.lean,
             timing_cache=timing_cache_path(directory, host),
-        )
-        plan = build_serialized_plan(trt, onnx_path, profile, settings=settings)
-        build_s = time.perf_counter() - started
-        engine = TrtEngine(
-            _gate_runtime(trt, lean=options.lean), plan, record=None, profile=profile, out_channels=len(bundle.output.names),
-            device=device, version_compatible=options.lean,
-        )
-        gate_started = time.perf_counter()
-        candidate = probabilities(bundle, sample, engine.run, device=device, batch_size=min(4, options.max_batch))
-        gate = compare(bundle, reference, candidate, sample=sample.source, started=gate_started)
-        gate_doc = {**gate.to_json(), "runtime": f"TensorRT {host.tensorrt_version} on {torch.cuda.get_device_name(device)}"}
-        if not gate.passed:
-            bundle = _record(bundle, {"failed": key.stem(), "gate": gate_doc})
-            return bundle, f"TensorRT plan: NOT written, {gate.summary()}", False
-        meta = {
-            "built_by": "cellseg3d export", "onnx_file": FP16_FILE, "gpu": torch.cuda.get_device_name(device),
-            "tensorrt": host.tensorrt_version, "torch": torch.__version__, "build_seconds": round(build_s, 1),
-            "workspace_bytes": settings.workspace_bytes, "lean": options.lean, "gate": gate_doc,
-        }
-        record = write_plan(directory, key, plan, meta=meta)
-    bundle = _record(bundle, {"plan": record.plan_path.name, "key": key.to_json(), "build_seconds": round(build_s, 1), "gate": gate_doc})
-    lean = ", version-compatible (lean runtime excluded)" if options.lean else ""
-    return bundle, f"{record.plan_path}: TensorRT {host.tensorrt_version}{lean}, built in {build_s:.0f} s, {gate.summary()}", True
+        ),
+    )
+    onnx_sha = verify_onnx(bundle, bundle.path / FP16_FILE)
+    try:
+        with plan_lock(directory, f"{onnx_sha[:16]}_{profile.tag()}"):
+            built = build_gated_plan(
+                trt, bundle, host=host, onnx_sha256=onnx_sha, request=request, sample=sample, reference=reference,
+                runtime=_gate_runtime(trt, lean=options.lean),
+            )
+    except BackendUnavailableError as exc:
+        return _skipped(bundle, str(exc))
+    gate_doc = {**built.gate.to_json(), "runtime": f"TensorRT {host.tensorrt_version} on {torch.cuda.get_device_name(device)}"}
+    if built.record is None:
+        bundle = _record(bundle, {"failed": built.key.stem(), "gate": gate_doc})
+        return bundle, f"TensorRT plan: NOT written, {built.gate.summary()}", False
+    record = built.record
+    doc = {"plan": record.plan_path.name, "key": built.key.to_json(), "build_seconds": built.build_seconds, "gate": gate_doc}
+    bundle = _record(bundle, doc)
+    lean = ", version-compatible (embeds the lean runtime)" if options.lean else ""
+    return bundle, f"{record.plan_path}: TensorRT {host.tensorrt_version}{lean}, built in {built.build_seconds:.0f} s, {built.gate.summary()}", True

@@ -16,7 +16,7 @@ from ..bundle import Bundle
 from ..errors import BackendUnavailableError, BundleError
 from .base import Backend, BackendOptions
 
-__all__ = ["Backend", "BackendOptions", "BACKEND_ORDER", "BACKEND_CHOICES", "backend_class", "backend_status", "select_backend"]
+__all__ = ["BACKEND_CHOICES", "BACKEND_ORDER", "Backend", "BackendOptions", "backend_class", "backend_status", "select_backend"]
 
 logger = logging.getLogger(__name__)
 

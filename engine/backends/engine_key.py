@@ -54,6 +54,7 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 _RECORDS = {ONNX_FILE: "onnx", FP16_FILE: "fp16"}
 _VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?")
+_CROSS_MAJOR = {(8, 10), (10, 11)}  # version-compatible plans across majors (TensorRT 11.4 support matrix)
 
 
 def sha256_file(path: Path, /) -> str:
@@ -160,7 +161,7 @@ class Host:
 
 @dataclass(frozen=True)
 class EngineKey:
-    """What a plan is valid for. ``version_compatible`` plans run on later TensorRT of the same major version."""
+    """What a plan is valid for; see :meth:`mismatch` for which TensorRT runs a ``version_compatible`` plan."""
 
     compute_capability: tuple[int, int]
     tensorrt_version: str
@@ -209,19 +210,31 @@ class EngineKey:
         if tuple(self.compute_capability) != tuple(host.compute_capability):
             have, want = ".".join(map(str, self.compute_capability)), ".".join(map(str, host.compute_capability))
             return f"built for compute capability {have}, this GPU is {want}"
-        built, running = _version_tuple(self.tensorrt_version), _version_tuple(host.tensorrt_version)
-        if self.version_compatible:
-            if built[0] != running[0] or built > running:
-                return f"version-compatible plan from TensorRT {self.tensorrt_version} cannot run on TensorRT {host.tensorrt_version}"
-        else:
-            if host.lean_only:
-                return "not version-compatible; the lean runtime (tensorrt_lean) runs only plans exported with --lean"
-            if built != running:
-                return f"built with TensorRT {self.tensorrt_version}, this is TensorRT {host.tensorrt_version}"
+        reason = self._version_mismatch(host)
+        if reason is not None:
+            return reason
         if self.onnx_sha256 != onnx_sha256:
             return f"built from another ONNX file (sha256 {self.onnx_sha256[:12]}..., the bundle's is {onnx_sha256[:12]}...)"
         if not self.profile.covers(tuple(patch_shape)):
             return f"profile {self.profile.min_spatial}..{self.profile.patch_shape} does not cover patch {tuple(patch_shape)}"
+        return None
+
+
+    def _version_mismatch(self, host: Host) -> str | None:
+        """TensorRT's guarantee: a plan runs on the version that built it; a version-compatible one also on
+        later full runtimes of the same major (and 8 -> 10, 10 -> 11); the lean runtime runs only
+        version-compatible plans of its own version."""
+        built, running = _version_tuple(self.tensorrt_version), _version_tuple(host.tensorrt_version)
+        if not self.version_compatible:
+            if host.lean_only:
+                return "not version-compatible; the lean runtime (tensorrt_lean) runs only plans exported with --lean"
+            if built != running:
+                return f"built with TensorRT {self.tensorrt_version}, this is TensorRT {host.tensorrt_version}"
+            return None
+        if host.lean_only and built != running:
+            return f"version-compatible plan from TensorRT {self.tensorrt_version}; the lean runtime {host.tensorrt_version} runs only its own version's"
+        if built > running or (built[0] != running[0] and (built[0], running[0]) not in _CROSS_MAJOR):
+            return f"version-compatible plan from TensorRT {self.tensorrt_version} cannot run on TensorRT {host.tensorrt_version}"
         return None
 
 
@@ -326,14 +339,15 @@ def plan_lock(directory: Path, name: str, /) -> Iterator[None]:
     """
     import fcntl  # POSIX only; the GPU runtime images are Linux
 
+    lock = directory / f".{name}.lock"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fh = open(directory / f".{name}.lock", "a+")
+        lock.touch()
     except OSError as exc:
         raise BackendUnavailableError(
             f"{directory}: cannot write TensorRT plans there ({exc}); set {ENGINES_ENV} to a writable folder"
         ) from exc
-    with fh:
+    with open(lock, "a+") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield

@@ -5,7 +5,8 @@ Both run the bundle's exported ONNX (``cellseg3d export``): ``model.onnx`` (fp32
 only when a backend is asked about or built, so the engine runs without it.
 
 On the project's 2-core CPU ONNX Runtime is slower than torch (DESIGN.md), which is why ``auto`` tries
-``ort-cpu`` last.
+``ort-cpu`` last. onnxruntime-gpu lists its GPU providers even when their CUDA libraries are missing and then
+quietly creates a CPU session, so ``ort-gpu`` checks the providers the session really chose.
 """
 
 from __future__ import annotations
@@ -21,15 +22,23 @@ import torch
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, BundleError
 from .base import Backend, BackendOptions
-from .engine_key import FP16_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, engines_dir, verify_onnx
+from .engine_key import (
+    FP16_FILE,
+    INPUT_NAME,
+    ONNX_FILE,
+    OUTPUT_NAME,
+    engines_dir,
+    verify_onnx,
+)
 from .torch_backend import default_threads
 
-__all__ = ["OrtCPUBackend", "OrtGPUBackend", "fp16_gate_passed"]
+__all__ = ["OrtCPUBackend", "OrtGPUBackend", "check_gpu_session", "fp16_gate_passed"]
 
 logger = logging.getLogger(__name__)
 
 _INSTALL_CPU = "pip install onnxruntime"
-_INSTALL_GPU = "pip install onnxruntime-gpu"
+_INSTALL_GPU = "pip install onnxruntime-gpu (the build for this machine's CUDA major: onnxruntime.ai, Install ONNX Runtime)"
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _WORKSPACE_BYTES = 4 << 30
 
 
@@ -104,21 +113,36 @@ class OrtCPUBackend(Backend):
             return f"onnxruntime is not installed; {_INSTALL_CPU}"
         return None
 
-    def run(self, batch: torch.Tensor, /) -> torch.Tensor:
-        x = batch.detach().to(dtype=torch.float32).contiguous().numpy()
-        (y,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})
+    def forward(self, batch: torch.Tensor, /) -> torch.Tensor:
+        (y,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch.detach().numpy()})
         return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
 
     def close(self) -> None:
         self.session = None
 
 
+def check_gpu_session(ort: ModuleType, path: Path, /, *, chosen: list[str]) -> None:
+    """Refuse a session onnxruntime created on the CPU although GPU providers were asked for.
+
+    Raises:
+        BackendUnavailableError: no GPU provider among ``chosen`` (``session.get_providers()``).
+    """
+    if any(p in chosen for p in _GPU_PROVIDERS):
+        return
+    raise BackendUnavailableError(
+        f"{path}: onnxruntime {ort.__version__} created a CPU session (providers it chose: {chosen}); its CUDA "
+        f"libraries are missing or built for another CUDA major than this machine's (torch is built for CUDA "
+        f"{torch.version.cuda}); {_INSTALL_GPU}"
+    )
+
+
 class OrtGPUBackend(Backend):
     """ONNX Runtime on CUDA: TensorRT EP (plans cached in the bundle's engines folder), then CUDA EP.
 
     ``fp16`` runs ``model.fp16.onnx`` and is what ``auto`` picks when export recorded a passing fp16 gate;
-    otherwise ``auto`` runs ``model.onnx`` in fp32 and says why. Batches are bound in place (IO binding):
-    the input is read from, and the output written to, torch CUDA tensors without a host copy.
+    otherwise ``auto`` runs ``model.onnx`` in fp32 and says why. Batches are bound in place (IO binding) on
+    torch CUDA tensors, and ORT runs on a torch stream of ours (``user_compute_stream``), ordered after the
+    caller's stream and before its next use of the output, so no batch waits on the host.
     """
 
     name = "ort-gpu"
@@ -136,16 +160,21 @@ class OrtGPUBackend(Backend):
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.path = bundle.path / (FP16_FILE if self.precision == "fp16" else ONNX_FILE)
         verify_onnx(bundle, self.path)
-        self.out_channels = len(bundle.output.names)
+        with torch.cuda.device(self.device):
+            self.stream = torch.cuda.Stream(device=self.device)
         self.session = _session(ort, self.path, bundle, providers=self._providers(ort), threads=options.threads)
         self.providers = self.session.get_providers()
+        check_gpu_session(ort, self.path, chosen=self.providers)
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._ort_error: type[Exception] = ort.capi.onnxruntime_pybind11_state.RuntimeException
 
     def _providers(self, ort: ModuleType) -> list[Any]:
-        """TensorRT EP (when the installed onnxruntime has it), CUDA EP, CPU EP; each with its options."""
+        """TensorRT EP (when the installed onnxruntime has it), CUDA EP, CPU EP; each on our stream."""
         index = self.device.index or 0
-        available = ort.get_available_providers()
+        stream = str(self.stream.cuda_stream)
         providers: list[Any] = []
-        if "TensorrtExecutionProvider" in available:
+        if "TensorrtExecutionProvider" in ort.get_available_providers():
             cache = engines_dir(self.bundle) / "ort-trt"
             try:
                 cache.mkdir(parents=True, exist_ok=True)
@@ -155,6 +184,7 @@ class OrtGPUBackend(Backend):
                 lo, opt, hi = self._profile_shapes()
                 providers.append(("TensorrtExecutionProvider", {
                     "device_id": index,
+                    "user_compute_stream": stream,
                     "trt_max_workspace_size": _WORKSPACE_BYTES,
                     "trt_engine_cache_enable": True,
                     "trt_engine_cache_path": str(cache),
@@ -163,7 +193,7 @@ class OrtGPUBackend(Backend):
                     "trt_profile_opt_shapes": opt,
                     "trt_profile_max_shapes": hi,
                 }))
-        providers.append(("CUDAExecutionProvider", {"device_id": index}))
+        providers.append(("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": stream}))
         providers.append("CPUExecutionProvider")
         return providers
 
@@ -188,20 +218,28 @@ class OrtGPUBackend(Backend):
             return f"torch {torch.__version__} sees no CUDA device (ort-gpu binds torch CUDA tensors)"
         return None
 
-    def run(self, batch: torch.Tensor, /) -> torch.Tensor:
-        x = batch.to(device=self.device, dtype=torch.float32).contiguous()
-        n, _, z, y, xs = x.shape
-        out = torch.empty((n, self.out_channels, z, y, xs), dtype=torch.float32, device=self.device)
+    def forward(self, batch: torch.Tensor, /) -> torch.Tensor:
+        n, _, z, y, x = batch.shape
+        out = torch.empty((n, len(self.bundle.output.names), z, y, x), dtype=torch.float32, device=self.device)
         index = self.device.index or 0
         binding = self.session.io_binding()
-        for bind, name, tensor in ((binding.bind_input, INPUT_NAME, x), (binding.bind_output, OUTPUT_NAME, out)):
-            bind(
-                name=name, device_type="cuda", device_id=index, element_type=np.float32,
-                shape=tuple(tensor.shape), buffer_ptr=tensor.data_ptr(),
-            )
-        torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream: the input must be ready
-        self.session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
+        binding.bind_input(
+            name=INPUT_NAME, device_type="cuda", device_id=index, element_type=np.float32, shape=tuple(batch.shape), buffer_ptr=batch.data_ptr(),
+        )
+        binding.bind_output(
+            name=OUTPUT_NAME, device_type="cuda", device_id=index, element_type=np.float32, shape=out.shape, buffer_ptr=out.data_ptr(),
+        )
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # the input was written on the caller's stream
+        try:
+            self.session.run_with_iobinding(binding, self.run_options)
+        except self._ort_error as exc:
+            if "allocate" in str(exc) or "out of memory" in str(exc).lower():
+                raise torch.cuda.OutOfMemoryError(f"onnxruntime: {exc}") from exc
+            raise
+        batch.record_stream(self.stream)
+        out.record_stream(self.stream)
+        caller.wait_stream(self.stream)  # the caller reads the output after ORT wrote it
         return out
 
     @property

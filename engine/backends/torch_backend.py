@@ -49,6 +49,7 @@ class _TorchBackend(Backend):
     weight casts, and normalization reads half the bytes); the others run under autocast.
     """
 
+    can_grow_patch = True
     _autocast: ClassVar[dict[str, torch.dtype | None]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     _native: ClassVar[dict[str, torch.dtype]] = {}
 
@@ -59,7 +60,7 @@ class _TorchBackend(Backend):
         model = bundle.load_model().to(device=device, memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         self.model = model if self._dtype is None else model.to(dtype=self._dtype)
 
-    def run(self, batch: torch.Tensor, /) -> torch.Tensor:
+    def forward(self, batch: torch.Tensor, /) -> torch.Tensor:
         if self._dtype is not None:
             with torch.inference_mode():
                 y = self.model(batch.to(dtype=self._dtype, memory_format=torch.channels_last_3d))
@@ -84,7 +85,7 @@ class TorchCPUBackend(_TorchBackend):
 
     name = "torch-cpu"
     precisions = ("fp32", "bf16")
-    _native = {"bf16": torch.bfloat16}
+    _native: ClassVar[dict[str, torch.dtype]] = {"bf16": torch.bfloat16}
 
     def __init__(self, bundle: Bundle, /, *, options: BackendOptions) -> None:
         if options.precision == "auto":

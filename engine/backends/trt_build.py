@@ -11,9 +11,11 @@ on, checked against NVIDIA's TensorRT 10/11 documentation and migration guide:
   the network's divisor up to the patch), ``set_memory_pool_limit(MemoryPoolType.WORKSPACE, ...)``;
 - a timing cache per (GPU, TensorRT version) file, loaded with ``create_timing_cache`` and saved after the
   build so rebuilds reuse kernel timings;
-- for lean images, ``BuilderFlag.VERSION_COMPATIBLE`` + ``BuilderFlag.EXCLUDE_LEAN_RUNTIME``: the plan runs on
-  the ``tensorrt_lean`` package (or a later TensorRT of the same major version) and does not embed the
-  lean runtime.
+- for lean images, ``BuilderFlag.VERSION_COMPATIBLE`` alone: the plan embeds the lean runtime, so it runs on
+  the ``tensorrt_lean`` of the build's version and on later full runtimes (same major, or 10 -> 11), with
+  ``engine_host_code_allowed``. ``EXCLUDE_LEAN_RUNTIME`` is not set: such a plan needs
+  ``Runtime.load_runtime(<libnvinfer_lean of the build's exact version>)`` before deserializing, which ties
+  the image to one TensorRT version anyway and saves only the plan's size.
 
 ``tensorrt`` is imported only by :func:`import_tensorrt`, called by the TensorRT backend and ``export``.
 """
@@ -34,9 +36,16 @@ from ..atomic import atomic_write_bytes
 from ..bundle import Bundle
 from ..errors import BundleError, InputError
 from .engine_key import INPUT_NAME, Host, Profile
+from .trt_runtime import start_checked
 
 __all__ = [
-    "BuildSettings", "MAX_ELEMENTS", "build_serialized_plan", "check_max_batch", "host_info", "import_tensorrt", "max_batch_for",
+    "MAX_ELEMENTS",
+    "BuildSettings",
+    "build_serialized_plan",
+    "check_max_batch",
+    "host_info",
+    "import_tensorrt",
+    "max_batch_for",
     "timing_cache_path",
 ]
 
@@ -101,7 +110,7 @@ def max_batch_for(bundle: Bundle, patch_shape: tuple[int, ...], /) -> int:
 
 @dataclass(frozen=True)
 class BuildSettings:
-    """Builder settings: workspace limit, version compatibility (lean), timing cache file."""
+    """Builder settings: workspace limit, version compatibility (``--lean``: runs on ``tensorrt_lean``), timing cache file."""
 
     workspace_bytes: int = 4 << 30
     version_compatible: bool = False
@@ -109,13 +118,17 @@ class BuildSettings:
 
 
 def _load_timing_cache(config: Any, path: Path | None) -> None:
-    data = b""
-    if path is not None and path.is_file():
-        data = path.read_bytes()
+    """Attach the cache from ``path``; a corrupt or foreign one (``create_timing_cache`` gives None, or
+    ``set_timing_cache`` refuses it) is replaced by a new one, with a warning."""
+    data = path.read_bytes() if path is not None and path.is_file() else b""
     cache = config.create_timing_cache(data)
-    if not config.set_timing_cache(cache, ignore_mismatch=False) and data:
-        logger.warning("%s: timing cache does not match this GPU/TensorRT; starting a new one", path)
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return
+    if data:
+        logger.warning("%s: timing cache is corrupt or from another GPU/TensorRT; starting a new one", path)
+    fresh = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
+        raise RuntimeError("TensorRT cannot create an empty timing cache (see its log above)")
 
 
 def _save_timing_cache(config: Any, path: Path | None) -> None:
@@ -130,13 +143,13 @@ def build_serialized_plan(trt: ModuleType, onnx_path: Path, profile: Profile, /,
     """Parse ``onnx_path`` into a strongly typed network and build a serialized plan for ``profile``.
 
     Raises:
+        BackendUnavailableError: TensorRT cannot start CUDA here (``trt.Builder`` gave nullptr or logged an error).
         BundleError: TensorRT cannot parse the ONNX file (the parser's errors are in the message).
         InputError: an activation would reach 2**31 elements (lower the profile's max batch).
         RuntimeError: the builder failed (TensorRT logs the cause).
     """
     started = time.perf_counter()
-    trt_logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(trt_logger)
+    builder, trt_logger = start_checked(trt, trt.Builder, "builder")
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, trt_logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -146,7 +159,6 @@ def build_serialized_plan(trt: ModuleType, onnx_path: Path, profile: Profile, /,
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_bytes))
     if settings.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
     lo, opt, hi = profile.shapes()
     optimization_profile = builder.create_optimization_profile()
     optimization_profile.set_shape(INPUT_NAME, lo, opt, hi)
@@ -154,7 +166,8 @@ def build_serialized_plan(trt: ModuleType, onnx_path: Path, profile: Profile, /,
     _load_timing_cache(config, settings.timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"{onnx_path}: TensorRT {trt.__version__} failed to build a plan for profile {lo}..{hi} (see its log above)")
+        why = "; ".join(trt_logger.errors[-3:]) or "see its log above"
+        raise RuntimeError(f"{onnx_path}: TensorRT {trt.__version__} failed to build a plan for profile {lo}..{hi} ({why})")
     _save_timing_cache(config, settings.timing_cache)
     logger.info("%s: TensorRT plan built in %.1f s (profile %s..%s)", onnx_path, time.perf_counter() - started, lo, hi)
     return bytes(memoryview(serialized))

@@ -17,7 +17,14 @@ from engine.fitting import BackoffRunner, fit_tiling
 class TorchLike(ImageBackend):
     """Stands in for a torch backend (whose patch may grow); the measurements are faked."""
 
-    name = "torch-fake"
+    name = "grows"
+    can_grow_patch = True
+
+
+class NamedTorchButFixed(ImageBackend):
+    """Named like a torch backend but declaring a fixed patch: the capability decides, not the name."""
+
+    name = "torch-named"
 
 
 def fake_memory(base: float = 100e6, per_voxel: float = 400.0):
@@ -54,7 +61,7 @@ def test_largest_patch_and_batch_that_fit_are_chosen_and_cached(tiny_bundle, tmp
     assert again.source == "cache" and (again.patch_shape, again.batch_size) == (fit.patch_shape, fit.batch_size)
     assert len(calls) == len({c for c in calls})  # nothing measured twice
     cached = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert cached["key"]["device"] == "fake-gpu-16GB" and cached["key"]["backend"] == "torch-fake"
+    assert cached["key"]["device"] == "fake-gpu-16GB" and cached["key"]["backend"] == "grows"
 
 
 def test_engines_built_for_a_patch_keep_it_and_cap_the_batch(tiny_bundle, tmp_path) -> None:
@@ -62,6 +69,13 @@ def test_engines_built_for_a_patch_keep_it_and_cap_the_batch(tiny_bundle, tmp_pa
     fit = fit_tiling(tiny_bundle, ImageBackend(tiny_bundle), (200, 512, 512), measure=measure, free_bytes=8e9, cache_dir=tmp_path, device_key="x")
     assert fit.patch_shape == (16, 32, 32) and fit.batch_size == 8  # BackendOptions.max_batch
     assert {p for p, _ in calls} == {(16, 32, 32)}
+
+
+def test_the_capability_not_the_name_decides_whether_the_patch_grows(tiny_bundle, tmp_path) -> None:
+    measure, calls = fake_memory(per_voxel=1.0)
+    fit = fit_tiling(tiny_bundle, NamedTorchButFixed(tiny_bundle), (200, 512, 512), measure=measure, free_bytes=8e9,
+                     cache_dir=tmp_path, device_key="x")
+    assert fit.patch_shape == (16, 32, 32) and fit.batch_size == 8 and {p for p, _ in calls} == {(16, 32, 32)}
 
 
 def test_less_free_memory_gives_a_smaller_fit_from_the_same_cache(tiny_bundle, tmp_path) -> None:
@@ -114,3 +128,20 @@ def test_backoff_halves_the_batch_and_loses_nothing() -> None:
     limit[0] = 0
     with pytest.raises(torch.cuda.OutOfMemoryError, match="single patch.*smaller --patch"):
         runner(x[:1])
+
+
+class DeviceFull(RuntimeError):
+    """A backend's own out-of-memory error (as ``Backend.oom_errors`` declares it)."""
+
+
+def test_backoff_honours_the_backends_own_oom_errors() -> None:
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[0] > 1:
+            raise DeviceFull("no room")
+        return batch
+
+    x = torch.zeros((4, 1, 1, 1, 1))
+    with pytest.raises(DeviceFull):
+        BackoffRunner(run, batch_size=4)(x)
+    runner = BackoffRunner(run, batch_size=4, oom_errors=(DeviceFull,))
+    assert runner(x).shape == x.shape and runner.batch_size == 1

@@ -53,9 +53,13 @@ def test_key_round_trips_through_json_and_names_its_facts() -> None:
         (_key(tensorrt_version="10.8.0.43"), HOST, "built with TensorRT 10.8.0.43, this is TensorRT 10.7.0.23"),
         (_key(tensorrt_version="10.6.0", version_compatible=True), HOST, None),
         (_key(tensorrt_version="10.9.0", version_compatible=True), HOST, "cannot run on TensorRT 10.7.0.23"),
-        (_key(tensorrt_version="10.7.0", version_compatible=True), Host((8, 6), "11.1.0"), "cannot run on TensorRT 11.1.0"),
+        (_key(tensorrt_version="10.7.0", version_compatible=True), Host((8, 6), "11.1.0"), None),  # 10 -> 11 is supported
+        (_key(tensorrt_version="8.6.1", version_compatible=True), Host((8, 6), "10.7.0"), None),  # and 8 -> 10
+        (_key(tensorrt_version="8.6.1", version_compatible=True), Host((8, 6), "11.1.0"), "cannot run on TensorRT 11.1.0"),
+        (_key(tensorrt_version="11.4.0", version_compatible=True), Host((8, 6), "12.0.0"), "cannot run on TensorRT 12.0.0"),
         (_key(), Host((8, 6), "10.7.0.23", lean_only=True), "lean runtime (tensorrt_lean) runs only plans exported with --lean"),
         (_key(version_compatible=True), Host((8, 6), "10.7.0.23", lean_only=True), None),
+        (_key(tensorrt_version="10.6.0", version_compatible=True), Host((8, 6), "10.7.0.23", lean_only=True), "runs only its own version's"),
         (_key(onnx_sha256="cd" * 32), HOST, "built from another ONNX file"),
     ],
 )
@@ -145,7 +149,7 @@ def test_lean_host_without_a_fitting_plan_is_unavailable_with_the_fix(tmp_path: 
     backend.host = Host((8, 6), "10.7.0.23", lean_only=True)
     backend.directory, backend.onnx_sha = bundle.path / "engines", SHA
     with pytest.raises(BackendUnavailableError, match=r"only the lean runtime 10\.7\.0\.23 is installed.*cellseg3d export --lean"):
-        backend._load((16, 32, 32))
+        backend._load((16, 32, 32), 8)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason given without a GPU")
@@ -161,7 +165,7 @@ def test_tensorrt_unavailable_without_a_gpu_says_why(tmp_path: Path) -> None:
 def _trt_ready() -> str | None:
     trt, can_build = import_tensorrt()
     if trt is None or not can_build:
-        return "needs the full tensorrt package (pip install tensorrt)"
+        return "needs the full tensorrt package (pip install tensorrt-cu12)"
     if not torch.cuda.is_available():
         return "needs a CUDA GPU"
     return None

@@ -1,5 +1,6 @@
-"""The TensorRT builder's API use, against a stand-in module with TensorRT 11's surface (no FP16 flag, no
-EXPLICIT_BATCH), and the 2**31-element activation limit. The real build runs in test_trt_backend.py on a GPU.
+"""The TensorRT builder's API use, against a stand-in module built from the real 11.4 bindings' enums and
+signatures (tests/engine/trt_api_snapshot.json, checked against the wheels in test_trt_real_packages.py), and
+the 2**31-element activation limit. The real build runs in test_trt_backend.py on a GPU.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from api_names import load_snapshot, snapshot_enum
 from tiny_bundles import make_tiny_bundle
 
 from engine.backends.engine_key import Profile
 from engine.backends.trt_build import BuildSettings, build_serialized_plan, check_max_batch, import_tensorrt, max_batch_for
-from engine.errors import BundleError, InputError
+from engine.errors import BackendUnavailableError, BundleError, InputError
 
 PROFILE = Profile(channels=1, patch_shape=(16, 32, 32), min_spatial=(4, 4, 4), opt_batch=2, max_batch=4)
 
@@ -28,86 +30,79 @@ def test_activation_limit_caps_the_batch(tmp_path: Path) -> None:
         check_max_batch(bundle, (256, 256, 256), 64)
 
 
+_REAL = load_snapshot()["tensorrt"]  # the real 11.x bindings' enums and signatures (checked in CI)
+
+
+def _checked(cls_name: str, name: str, fn: Any) -> Any:
+    """Wrap a stand-in method so a call with a keyword or arity the real method lacks fails the test."""
+    params = _REAL["methods"][f"{cls_name}.{name}"]
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        assert len(args) <= len(params) and set(kwargs) <= set(params), f"{cls_name}.{name}{args, kwargs} vs {params}"
+        return fn(self, *args, **kwargs)
+
+    return call
+
+
+def _standin_class(cls_name: str, methods: dict[str, Any]) -> type:
+    return type(cls_name, (), {name: _checked(cls_name, name, fn) for name, fn in methods.items()})
+
+
 class _FakeTRT(types.ModuleType):
-    def __init__(self, *, parse_ok: bool = True, build_ok: bool = True) -> None:
+    """TensorRT 11.4's builder surface: enums with the real values, methods with the real parameter names."""
+
+    def __init__(self, *, parse_ok: bool = True, build_ok: bool = True, cuda_ok: bool = True) -> None:
         super().__init__("tensorrt")
-        self.__version__ = "11.4.0.106"
+        self.__version__ = _REAL["version"]
         self.calls: list[tuple[Any, ...]] = []
-        calls, fake = self.calls, self
+        calls = self.calls
+        for name in _REAL["enums"]:
+            if "." not in name:
+                setattr(self, name, snapshot_enum(_REAL, name))
+        severity = snapshot_enum(_REAL, "ILogger.Severity")
 
-        class Logger:
-            WARNING = 2
+        class ILogger:
+            Severity = severity
 
-            def __init__(self, level: int) -> None:
-                calls.append(("Logger", level))
-
-        class Cache:
-            def __init__(self, data: bytes) -> None:
-                self.data = data
-
-            def serialize(self) -> bytes:
-                return self.data + b"+timings"
-
-        class Config:
-            def set_memory_pool_limit(self, pool: str, size: int) -> None:
-                calls.append(("set_memory_pool_limit", pool, size))
-
-            def set_flag(self, flag: str) -> None:
-                calls.append(("set_flag", flag))
-
-            def add_optimization_profile(self, profile: Any) -> None:
-                calls.append(("add_optimization_profile", profile.shape))
-
-            def create_timing_cache(self, data: bytes) -> Cache:
-                calls.append(("create_timing_cache", bytes(data)))
-                return Cache(bytes(data))
-
-            def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> bool:
-                self.cache = cache
-                return True
-
-            def get_timing_cache(self) -> Cache:
-                return self.cache
-
-        class OptimizationProfile:
-            def set_shape(self, name: str, lo: tuple, opt: tuple, hi: tuple) -> None:
-                self.shape = (name, lo, opt, hi)
-
-        class Builder:
-            def __init__(self, logger: Logger) -> None:
+            def __init__(self) -> None:
                 pass
 
-            def create_network(self, flags: int) -> str:
-                calls.append(("create_network", flags))
-                return "network"
+        def create_timing_cache(self: Any, data: bytes) -> Any:
+            calls.append(("create_timing_cache", bytes(data)))
+            if data and not bytes(data).startswith(b"TC"):
+                return None  # what the real config gives for a corrupt cache
+            return types.SimpleNamespace(data=bytes(data), serialize=lambda: b"TC+timings")
 
-            def create_builder_config(self) -> Config:
-                return Config()
+        def set_timing_cache(self: Any, cache: Any, ignore_mismatch: bool) -> bool:
+            self.cache = cache
+            return True
 
-            def create_optimization_profile(self) -> OptimizationProfile:
-                return OptimizationProfile()
+        config = _standin_class("IBuilderConfig", {
+            "set_memory_pool_limit": lambda self, pool, pool_size: calls.append(("set_memory_pool_limit", pool, pool_size)),
+            "set_flag": lambda self, flag: calls.append(("set_flag", flag)),
+            "add_optimization_profile": lambda self, profile: calls.append(("add_optimization_profile", profile.shape)),
+            "create_timing_cache": create_timing_cache, "set_timing_cache": set_timing_cache,
+            "get_timing_cache": lambda self: self.cache,
+        })
+        profile = _standin_class("IOptimizationProfile", {"set_shape": lambda self, input, min, opt, max: setattr(self, "shape", (input, min, opt, max))})
+        builder = _standin_class("Builder", {
+            "create_network": lambda self, flags: calls.append(("create_network", flags)) or "network",
+            "create_builder_config": lambda self: config(), "create_optimization_profile": lambda self: profile(),
+            "build_serialized_network": lambda self, network, config: b"PLAN" if build_ok else None,
+        })
 
-            def build_serialized_network(self, network: str, config: Config) -> bytes | None:
-                return b"PLAN" if fake.build_ok else None
+        def make_builder(trt_logger: Any) -> Any:
+            assert isinstance(trt_logger, ILogger)
+            if not cuda_ok:
+                raise TypeError("pybind11::init(): factory function returned nullptr")
+            return builder()
 
-        class OnnxParser:
-            num_errors = 0 if parse_ok else 1
-
-            def __init__(self, network: str, logger: Logger) -> None:
-                pass
-
-            def parse_from_file(self, path: str) -> bool:
-                calls.append(("parse_from_file", path))
-                return fake.parse_ok
-
-            def get_error(self, i: int) -> str:
-                return "In node 3 (Conv): unsupported"
-
-        self.parse_ok, self.build_ok = parse_ok, build_ok
-        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, OnnxParser
-        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
-        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-        self.BuilderFlag = types.SimpleNamespace(VERSION_COMPATIBLE="VERSION_COMPATIBLE", EXCLUDE_LEAN_RUNTIME="EXCLUDE_LEAN_RUNTIME")
+        parser = _standin_class("OnnxParser", {
+            "parse_from_file": lambda self, model: calls.append(("parse_from_file", model)) or parse_ok,
+            "get_error": lambda self, index: "In node 3 (Conv): unsupported",
+        })
+        parser.num_errors = 0 if parse_ok else 1
+        self.ILogger, self.Builder, self.OnnxParser = ILogger, make_builder, lambda network, trt_logger: parser()
 
 
 def test_builder_uses_strong_typing_one_profile_workspace_and_timing_cache(tmp_path: Path) -> None:
@@ -115,19 +110,29 @@ def test_builder_uses_strong_typing_one_profile_workspace_and_timing_cache(tmp_p
     cache = tmp_path / "timing.cache"
     settings = BuildSettings(workspace_bytes=1 << 30, timing_cache=cache)
     assert build_serialized_plan(trt, tmp_path / "m.onnx", PROFILE, settings=settings) == b"PLAN"
-    assert ("create_network", 1 << 1) in trt.calls
-    assert ("set_memory_pool_limit", "WORKSPACE", 1 << 30) in trt.calls
+    assert ("create_network", 1 << 0) in trt.calls  # STRONGLY_TYPED is 0 in 11.x
+    assert ("set_memory_pool_limit", trt.MemoryPoolType.WORKSPACE, 1 << 30) in trt.calls
     assert ("add_optimization_profile", ("input", *PROFILE.shapes())) in trt.calls
     assert not any(c[0] == "set_flag" for c in trt.calls)
-    assert ("create_timing_cache", b"") in trt.calls and cache.read_bytes() == b"+timings"
+    assert ("create_timing_cache", b"") in trt.calls and cache.read_bytes() == b"TC+timings"
     build_serialized_plan(trt, tmp_path / "m.onnx", PROFILE, settings=settings)  # second build reuses the cache
-    assert ("create_timing_cache", b"+timings") in trt.calls
+    assert ("create_timing_cache", b"TC+timings") in trt.calls
 
 
-def test_lean_build_is_version_compatible_without_the_lean_runtime(tmp_path: Path) -> None:
+def test_corrupt_timing_cache_is_replaced_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    trt = _FakeTRT()
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"\x00garbage")
+    assert build_serialized_plan(trt, tmp_path / "m.onnx", PROFILE, settings=BuildSettings(timing_cache=cache)) == b"PLAN"
+    assert ("create_timing_cache", b"\x00garbage") in trt.calls and ("create_timing_cache", b"") in trt.calls
+    assert "timing cache is corrupt" in caplog.text and cache.read_bytes() == b"TC+timings"
+
+
+def test_lean_build_is_version_compatible_and_embeds_the_lean_runtime(tmp_path: Path) -> None:
     trt = _FakeTRT()
     build_serialized_plan(trt, tmp_path / "m.onnx", PROFILE, settings=BuildSettings(version_compatible=True))
-    assert ("set_flag", "VERSION_COMPATIBLE") in trt.calls and ("set_flag", "EXCLUDE_LEAN_RUNTIME") in trt.calls
+    flags = [c[1] for c in trt.calls if c[0] == "set_flag"]
+    assert flags == [trt.BuilderFlag.VERSION_COMPATIBLE]  # no EXCLUDE_LEAN_RUNTIME: no load_runtime needed to run it
 
 
 def test_builder_failures_name_the_file(tmp_path: Path) -> None:
@@ -135,6 +140,8 @@ def test_builder_failures_name_the_file(tmp_path: Path) -> None:
         build_serialized_plan(_FakeTRT(parse_ok=False), tmp_path / "m.onnx", PROFILE, settings=BuildSettings())
     with pytest.raises(RuntimeError, match=r"m\.onnx: TensorRT 11\.4\.0\.106 failed to build"):
         build_serialized_plan(_FakeTRT(build_ok=False), tmp_path / "m.onnx", PROFILE, settings=BuildSettings())
+    with pytest.raises(BackendUnavailableError, match="cannot create its builder.*nullptr"):
+        build_serialized_plan(_FakeTRT(cuda_ok=False), tmp_path / "m.onnx", PROFILE, settings=BuildSettings())
 
 
 def test_lean_runtime_alone_is_found_and_cannot_build(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,8 @@ from engine.bundle import Bundle
 from export import fp16
 from export.errors import ExportError
 from export.fp16 import _elem_types, _restore_fp32_outputs, convert_fp16, fp32_report, overflow_nodes
-from export.gate import compare, dice, load_sample
+from engine.backends.gate import compare, load_sample
+from engine.metrics import foreground_dice
 from export.onnx_export import trace_model
 
 
@@ -100,7 +101,7 @@ def test_gate_compare_and_dice(exported: Bundle) -> None:
     assert same.passed and same.dice == 1.0 and same.max_prob_error == 0.0
     flipped = compare(exported, ref, 1.0 - ref, sample="s")
     assert not flipped.passed and flipped.dice < 0.99 and "FAILED" in flipped.summary()
-    assert dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+    assert foreground_dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
     with pytest.raises(ValueError, match="differ in shape"):
         compare(exported, ref, ref[:, :2], sample="s")
 

@@ -17,7 +17,7 @@ from engine.errors import InputError
 from export import onnx_export
 from export.bundle_export import ExportOptions, export_bundle
 from export.errors import ExportError
-from export.gate import load_sample, torch_probabilities
+from engine.backends.gate import load_sample, torch_probabilities
 from export.onnx_export import MAX_ABS_ERR, export_onnx
 
 

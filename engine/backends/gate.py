@@ -1,8 +1,10 @@
-"""The accuracy gate for reduced precision: a candidate runner against torch fp32 on the bundle's sample volume.
+"""The one accuracy gate for reduced precision: a candidate runner against torch fp32 on the bundle's sample.
 
 Both run the engine's own tiled inference (same normalization, patches, blending) over the sample; the gate
-compares the cell-interior masks (interior probability above the bundle's threshold) by Dice and reports
-the largest and mean probability differences. A candidate passes with Dice >= ``MIN_DICE`` (0.99).
+compares the cell-interior masks (interior probability above the bundle's threshold) by Dice
+(:func:`engine.metrics.foreground_dice`) and reports the largest and mean probability differences. A
+candidate passes with Dice >= ``GATE_MIN_DICE`` (0.99). ``cellseg3d export`` gates its fp16 ONNX and plans
+with it, and so does the TensorRT backend when it builds a plan on a GPU host.
 
 The sample is ``sample.tif`` in the bundle when there is one (or the file ``bundle.json``'s
 ``validation.sample`` names), else a seeded synthetic volume of the bundle's kind (membranes for boundary
@@ -19,16 +21,17 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from engine import io
-from engine.bundle import Bundle
-from engine.errors import BundleError
-from engine.normalize import normalize
-from engine.postprocess import interior_probability
-from engine.tiling import TilingConfig, fit_patch_shape, sliding_window
+from .. import io
+from ..bundle import Bundle
+from ..errors import BundleError
+from ..metrics import foreground_dice
+from ..normalize import normalize
+from ..postprocess import interior_probability
+from ..tiling import TilingConfig, fit_patch_shape, sliding_window
 
-__all__ = ["MIN_DICE", "GateResult", "Sample", "compare", "dice", "load_sample", "probabilities", "torch_probabilities"]
+__all__ = ["GATE_MIN_DICE", "GateResult", "Sample", "compare", "load_sample", "probabilities", "torch_probabilities"]
 
-MIN_DICE = 0.99
+GATE_MIN_DICE = 0.99
 SAMPLE_FILE = "sample.tif"
 SAMPLE_SEED = 0
 
@@ -72,7 +75,7 @@ def _synthetic(bundle: Bundle) -> tuple[np.ndarray, str]:
     z, y, x = (max(8, p) for p in bundle.patch_shape)
     shape = (z, y, x)
     try:
-        from engine import synthetic
+        from .. import synthetic
     except ImportError:  # an engine without the generator: a seeded smooth random volume still exercises the model
         from scipy.ndimage import gaussian_filter
 
@@ -119,26 +122,26 @@ def probabilities(bundle: Bundle, sample: Sample, run: Runner, /, *, device: tor
     return out.cpu().numpy()
 
 
-def torch_probabilities(bundle: Bundle, sample: Sample, /) -> NDArray[np.float32]:
-    """The reference: the bundle's model in fp32 on the CPU (no TF32, no autocast)."""
-    model = bundle.load_model()
+def torch_probabilities(bundle: Bundle, sample: Sample, /, *, device: torch.device | None = None) -> NDArray[np.float32]:
+    """The reference: the bundle's model in fp32 (no TF32, no autocast) on ``device`` (None: the CPU)."""
+    device = device or torch.device("cpu")
+    model = bundle.load_model().to(device)
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return model(batch).float()
 
-    return probabilities(bundle, sample, run, device=torch.device("cpu"))
-
-
-def dice(a: NDArray[np.bool_], b: NDArray[np.bool_], /) -> float:
-    """Dice overlap of two boolean masks; 1.0 when both are empty."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        return probabilities(bundle, sample, run, device=device)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def compare(
     bundle: Bundle, reference: NDArray[np.float32], candidate: NDArray[np.float32], /, *, sample: str,
-    min_dice: float = MIN_DICE, started: float | None = None,
+    min_dice: float = GATE_MIN_DICE, started: float | None = None,
 ) -> GateResult:
     """Gate ``candidate`` against ``reference`` (both ``(K, Z, Y, X)`` float32 probabilities)."""
     if reference.shape != candidate.shape:
@@ -147,7 +150,7 @@ def compare(
     ref_mask = interior_probability(reference, bundle.output) > threshold
     cand_mask = interior_probability(candidate, bundle.output) > threshold
     diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
-    score = dice(ref_mask, cand_mask)
+    score = foreground_dice(ref_mask, cand_mask)
     return GateResult(
         dice=round(score, 6), max_prob_error=float(diff.max()), mean_prob_error=float(diff.mean()),
         threshold=threshold, min_dice=min_dice, passed=score >= min_dice, sample=sample,
