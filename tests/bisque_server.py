@@ -1,38 +1,32 @@
-r"""A small BisQue server for tests: real HTTP on 127.0.0.1, stdlib only.
+r"""A small BisQue server for tests: real HTTP on 127.0.0.1, for the real ``bqapi`` client (bisque-api 0.5.12.2).
 
-It speaks just enough of BisQue for the real ``bqapi`` client (bisque-api 0.5.12.2) to run a module:
+It behaves like BisQue (UCSB-VRL/bisqueUCSB, ``source/bqserver``) where the module sees it:
 
-    GET  /services                          service list (public): <resource><tag name="service" type=... value=.../>
-    GET  /module_service/mex/<uniq>         MEX document; ``view=deep`` includes <tag name="inputs"> etc.
-    POST|PUT /module_service/mex/<uniq>     MEX update: ``value`` attribute is the status; tags merged by name
-    GET  /data_service/<uniq>               resource document (<image uri=... resource_uniq=... value=BLOB_URL>)
-    GET  /image_service/<uniq>?meta         image metadata XML (the ``meta`` given to ``add_image``)
-    GET  /image_service/<uniq>?format=tiff  the stored TIFF bytes, unchanged
-    GET  /blob_service/<uniq>               the stored file
-    POST /import/transfer[_XXXXXX]          multipart upload (``file`` + ``file_resource`` XML), answers
-                                            <resource type="uploaded"><image name=... uri=... resource_uniq=.../>
+    GET  /services                          service list (public); every URL ends in '/' (bqapi urljoin()s onto them)
+    GET  /module_service/mex/<uniq>         MEX document; ``view=deep`` includes inputs and nested sub-MEXes
+    POST|PUT /module_service/mex/<uniq>     MEX update: ``value`` is the status; tags merged by name
+    GET  /data_service/<uniq>               resource document; a dataset's ``view=deep`` lists its members as
+                                            <value type="object">URI</value>
+    GET  /image_service/<uniq>?meta         image metadata: size and pixel_resolution_* from the stored file
+                                            (0 where the file has none), overridden by ``add_image(meta=)``
+    GET  /image_service/<uniq>?format=tiff  the image re-encoded as a plain TIFF: ImageJ/OME spacing is gone
+    GET  /blob_service/<uniq>               the stored file, unchanged
+    POST /import/transfer[_XXXXXX]          multipart upload; <resource type="uploaded"><image uri=.../></resource>,
+                                            or HTTP 200 with <tag name="error"> when ingest fails
     GET  /auth_service/session              <session> with a user tag when basic auth is valid
 
-Every request but ``/services`` needs ``Authorization: Mex <token>`` (a token from ``create_mex``) or basic
-auth with the server's user and password; otherwise 401. A MEX token may update only its own MEX (else 403).
+Every request but ``/services`` needs ``Authorization: Mex <token>`` or basic auth (else 401). A MEX token may
+update its MEX and the MEXes nested in it (BisQue's engine runs every sub-MEX with the top MEX's token),
+no other (403). ``create_mex`` makes a MEX from inputs; ``create_mex_document`` stores a whole document
+(``tests/wrapper/bisque_engine.py`` builds them as the web UI and the module service do).
 
-Quickstart::
-
-    with BisqueTestServer() as server:
-        image_uri, uniq = server.add_image(tiff_bytes, "cells.tif")
-        mex_url, token = server.create_mex({"resource_url": image_uri, "threshold": "0.05"})
-        ...  # run the client against mex_url / token
-        assert server.mex_status(mex_url) == "FINISHED"
-
-Faults: ``fail_next(substring, status)``, ``close_connection_mid_download(substring)``,
-``stall_next(substring, seconds)`` and ``refuse_uploads(status)``. Every request is logged in ``requests``.
+Faults: ``fail_next``, ``close_connection_mid_download``, ``stall_next``, ``refuse_uploads`` (an HTTP status, or
+an ingest error answered 200). Every request is logged in ``requests``.
 """
 
 from __future__ import annotations
 
 import base64
-import email.parser
-import email.policy
 import secrets
 import sys
 import threading
@@ -41,34 +35,26 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Self
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "wrapper"))  # tests/wrapper/bisque_content.py
+from bisque_content import (
+    RequestRecord,
+    Upload,
+    dataset_values,
+    ingest_error,
+    merge_by_name,
+    parse_upload,
+    reencode_tiff,
+    tiff_meta,
+)
 
 __all__ = ["BisqueTestServer", "RequestRecord", "Upload", "bisque_server"]
 
 _SERVICES = ("data_service", "image_service", "blob_service", "module_service", "import", "auth_service")
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """One request as the server saw it; ``headers`` keys are lower-case."""
-
-    method: str
-    path: str
-    query: str
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass(frozen=True)
-class Upload:
-    """One accepted upload: the file part (``name``, ``data``) and the ``file_resource`` XML, if any."""
-
-    name: str
-    data: bytes
-    xml: ET.Element | None
-    uri: str
-    uniq: str
 
 
 @dataclass
@@ -87,6 +73,7 @@ class _Resource:
     data: bytes
     meta: dict[str, str] = field(default_factory=dict)
     children: list[ET.Element] = field(default_factory=list)
+    encoded: bytes = b""  # the image service's re-encoded TIFF, made on first request
 
 
 class BisqueTestServer:
@@ -105,8 +92,9 @@ class BisqueTestServer:
         self._mexes: dict[str, ET.Element] = {}
         self._history: dict[str, list[str]] = {}
         self._tokens: dict[str, str] = {}  # token -> mex uniq
+        self._scopes: dict[str, set[str]] = {}  # top MEX uniq -> the MEXes its token may update
         self._faults: list[_Fault] = []
-        self._upload_status: int | None = None
+        self._upload_refusal: int | str | None = None
         self._lock = threading.RLock()
         self._released = threading.Event()
         self.errors: list[BaseException] = []  # exceptions raised while handling requests (server bugs)
@@ -120,7 +108,7 @@ class BisqueTestServer:
     def __repr__(self) -> str:
         return f"<BisqueTestServer {self.root}>"
 
-    def __enter__(self) -> BisqueTestServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -146,24 +134,50 @@ class BisqueTestServer:
         """Store any file as a ``<file>`` resource; returns ``(resource_uri, resource_uniq)``."""
         return self._add(_Resource("file", name, bytes(data)))
 
+    def add_dataset(self, name: str, members: list[str], /) -> tuple[str, str]:
+        """Store a dataset of ``members`` (resource URIs); returns ``(resource_uri, resource_uniq)``."""
+        return self._add(_Resource("dataset", name, b"", children=dataset_values(members)))
+
     def create_mex(self, inputs: dict[str, str], /, *, status: str = "RUNNING",
                    name: str = "CellSegment3DUnet") -> tuple[str, str]:
-        """Create a MEX whose ``inputs`` tag holds valueless ``mex_url``, ``bisque_token``, then ``inputs``.
+        """A MEX whose ``inputs`` tag holds valueless ``mex_url``, ``bisque_token``, then ``inputs`` (untyped).
 
         Returns:
             ``(mex_url, token)`` as the engine passes them to the module.
         """
+        mex = ET.Element("mex", name=name)
+        section = ET.SubElement(mex, "tag", name="inputs")
+        for system_input in ("mex_url", "bisque_token"):  # valueless, as BisQue's module service stores them
+            ET.SubElement(section, "tag", name=system_input, type="system-input")
+        for key, value in inputs.items():
+            ET.SubElement(section, "tag", name=key, value=str(value))
+        return self.create_mex_document(mex, statuses=(status,))
+
+    def create_mex_document(self, mex: ET.Element, /, *, statuses: tuple[str, ...] = ("RUNNING",)) -> tuple[str, str]:
+        """Store a whole MEX document (nested ``<mex>`` sub-MEXes and blocks too, each its own MEX) that has
+        passed through ``statuses``; the token may update all of them.
+
+        Returns:
+            ``(mex_url, token)`` of the top MEX.
+        """
         with self._lock:
-            uniq = self._new_uniq()
-            mex_url, token = f"{self.root}/module_service/mex/{uniq}", f"{self.user}:{uniq}"
-            mex = ET.Element("mex", uri=mex_url, resource_uniq=uniq, name=name, value=status)
-            section = ET.SubElement(mex, "tag", name="inputs")
-            for system_input in ("mex_url", "bisque_token"):  # valueless, as BisQue's module service stores them
-                ET.SubElement(section, "tag", name=system_input, type="system-input")
-            for key, value in inputs.items():
-                ET.SubElement(section, "tag", name=key, value=str(value))
-            self._mexes[uniq], self._history[uniq], self._tokens[token] = mex, [status], uniq
-            return mex_url, token
+            top = ""
+            for elem in mex.iter("mex"):  # the top first; nested elements are shared with the top's document
+                uniq = self._new_uniq()
+                elem.set("uri", f"{self.root}/module_service/mex/{uniq}")
+                elem.set("resource_uniq", uniq)
+                top = top or uniq
+                self._mexes[uniq], self._history[uniq] = elem, list(statuses if uniq == top else ())
+                self._scopes.setdefault(top, set()).add(uniq)
+            mex.set("value", statuses[-1])
+            token = f"{self.user}:{top}"
+            self._tokens[token] = top
+            return mex.get("uri", ""), token
+
+    def resource_document(self, uri: str, /) -> ET.Element:
+        """A copy of a data_service resource's deep document (a dataset lists its members)."""
+        with self._lock:
+            return ET.fromstring(ET.tostring(self._resource_xml(self._mex_uniq(uri))))
 
     def mex_status(self, mex_url: str, /) -> str:
         """The MEX's current status (its ``value`` attribute)."""
@@ -201,10 +215,11 @@ class BisqueTestServer:
         with self._lock:
             self._faults.append(_Fault(substring, "stall", seconds, times))
 
-    def refuse_uploads(self, status: int | None, /) -> None:
-        """Answer every upload with ``status`` from now on; ``None`` accepts uploads again."""
+    def refuse_uploads(self, refusal: int | str | None, /) -> None:
+        """Answer every upload with an HTTP status, or (a string) with HTTP 200 and ``<tag name="error">`` as
+        BisQue's import service does when ingesting fails; ``None`` accepts uploads again."""
         with self._lock:
-            self._upload_status = status
+            self._upload_refusal = refusal
 
     # ---- internals -----------------------------------------------------------------------------------
     def _take_fault(self, method: str, target: str, kinds: tuple[str, ...]) -> _Fault | None:
@@ -250,7 +265,7 @@ class BisqueTestServer:
             mex.set("value", posted.get("value", ""))
             self._history[uniq].append(posted.get("value", ""))
         for child in posted:
-            _merge_by_name(mex, child, depth=2 if child.get("name") in ("inputs", "outputs") else 1)
+            merge_by_name(mex, child, depth=2 if child.get("name") in ("inputs", "outputs") else 1)
 
     def _store_upload(self, name: str, data: bytes, xml: ET.Element | None) -> ET.Element:
         tag = xml.tag if xml is not None else ("image" if name.lower().endswith((".tif", ".tiff")) else "file")
@@ -261,18 +276,6 @@ class BisqueTestServer:
         answer = ET.Element("resource", type="uploaded")
         answer.append(self._resource_xml(uniq))
         return answer
-
-
-def _merge_by_name(parent: ET.Element, child: ET.Element, *, depth: int) -> None:
-    """Replace ``parent``'s same-named child (or append); at depth 2, merge one level further down."""
-    same = [c for c in parent if c.tag == child.tag and c.get("name") == child.get("name")]
-    if not same or child.get("name") is None:
-        parent.append(child)
-    elif depth > 1:
-        for grandchild in child:
-            _merge_by_name(same[0], grandchild, depth=depth - 1)
-    else:
-        parent[list(parent).index(same[0])] = child
 
 
 class _Server(ThreadingHTTPServer):
@@ -291,7 +294,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go out in two writes: avoid 40 ms delayed-ACK stalls
     server: ThreadingHTTPServer
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence stderr logging
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
     @property
@@ -327,7 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400 if isinstance(exc, (ValueError, ET.ParseError)) else 404,
                        f"{type(exc).__name__}: {exc}".encode(), "text/plain")
 
-    do_GET = do_POST = do_PUT = _dispatch  # noqa: N815 - http.server looks these names up
+    do_GET = do_POST = do_PUT = _dispatch
 
     def _authenticate(self) -> str | None:
         """The MEX uniq of a valid Mex token, ``""`` for valid basic auth, ``None`` when unauthorized."""
@@ -363,15 +366,19 @@ class _Handler(BaseHTTPRequestHandler):
                 if set(query) - {"format"} or query.get("format", "tiff").lower() not in ("tiff", "tif"):
                     return self._send(501, f"not implemented: {query}".encode(), "text/plain")
                 resource = bq._resources[rest[0]]
+                if service == "image_service" and resource.tag == "image":
+                    data = resource.encoded = resource.encoded or reencode_tiff(resource.data)
+                else:
+                    data = resource.data
         if resource is not None:  # sent outside the lock: a cut or slow download must not block others
-            return self._send_file(resource)
+            return self._send_file(resource, data)
         self._send(404, f"no route for {self.command} {self.path}".encode(), "text/plain")
 
     def _mex(self, uniq: str, query: dict[str, str], body: bytes, token_uniq: str) -> None:
         bq = self.bisque
         mex = bq._mexes[uniq]
         if self.command in ("POST", "PUT"):
-            if token_uniq not in ("", uniq):
+            if token_uniq != "" and uniq not in bq._scopes.get(token_uniq, {token_uniq}):
                 return self._send(403, b"this token may not update that MEX", "text/plain")
             bq._update_mex(uniq, ET.fromstring(body))
         if query.get("view", "short") in ("deep", "full"):
@@ -382,29 +389,20 @@ class _Handler(BaseHTTPRequestHandler):
         resource = self.bisque._resources[uniq]
         meta = ET.Element("resource", uri=f"{self.bisque.root}/image_service/{uniq}?meta")
         ET.SubElement(meta, "tag", name="filename", value=resource.name)
-        for key, value in resource.meta.items():
+        for key, value in {**tiff_meta(resource.data), **resource.meta}.items():
             ET.SubElement(meta, "tag", name=key, value=str(value))
         return meta
 
     def _upload(self, body: bytes) -> None:
         bq = self.bisque
-        if bq._upload_status is not None:
-            return self._send(bq._upload_status, b"uploads refused", "text/plain")
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            b"Content-Type: " + self.headers.get("Content-Type", "").encode() + b"\r\n\r\n" + body)
-        if not message.is_multipart():
-            raise ValueError("upload is not multipart/form-data")
-        name, data, xml = "", b"", None
-        for part in message.iter_parts():
-            field_name = part.get_param("name", header="content-disposition")
-            if field_name == "file":
-                name, data = part.get_filename() or "upload", part.get_payload(decode=True) or b""
-            elif field_name == "file_resource":
-                xml = ET.fromstring(part.get_payload(decode=True) or b"")
+        if isinstance(bq._upload_refusal, int):
+            return self._send(bq._upload_refusal, b"uploads refused", "text/plain")
+        name, data, xml = parse_upload(self.headers.get("Content-Type", ""), body)
+        if isinstance(bq._upload_refusal, str):
+            return self._send_xml(ingest_error(name, bq._upload_refusal))
         self._send_xml(bq._store_upload(name, data, xml))
 
-    def _send_file(self, resource: _Resource) -> None:
-        data = resource.data
+    def _send_file(self, resource: _Resource, data: bytes) -> None:
         ctype = "image/tiff" if resource.tag == "image" else "application/octet-stream"
         if self.bisque._take_fault(self.command, self.path, ("cut",)) is not None:
             self.send_response(200)

@@ -1,0 +1,118 @@
+"""What the BisQue test server (``tests/bisque_server.py``) stores and serves, as BisQue does it: the image
+service's re-encoded TIFF and metadata, and MEX updates merged by tag name. Plain functions, no HTTP."""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import io
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+__all__ = ["RequestRecord", "Upload", "dataset_values", "ingest_error", "merge_by_name", "parse_upload",
+           "reencode_tiff", "tiff_meta"]
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request as the server saw it; ``headers`` keys are lower-case."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One accepted upload: the file part (``name``, ``data``) and the ``file_resource`` XML, if any."""
+
+    name: str
+    data: bytes
+    xml: ET.Element | None
+    uri: str
+    uniq: str
+
+
+def dataset_values(members: list[str], /) -> list[ET.Element]:
+    """A dataset's members as BisQue's data service lists them: ``<value type="object">URI</value>``."""
+    values = []
+    for uri in members:
+        value = ET.Element("value", type="object")
+        value.text = uri
+        values.append(value)
+    return values
+
+
+def parse_upload(content_type: str, body: bytes, /) -> tuple[str, bytes, ET.Element | None]:
+    """``(file name, file bytes, file_resource XML)`` of a multipart upload as bqapi's ``postblob`` sends it.
+
+    Raises:
+        ValueError: the body is not multipart/form-data.
+    """
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        raise ValueError("upload is not multipart/form-data")
+    name, data, xml = "", b"", None
+    for part in message.iter_parts():
+        field_name = part.get_param("name", header="content-disposition")
+        if field_name == "file":
+            name, data = part.get_filename() or "upload", part.get_payload(decode=True) or b""
+        elif field_name == "file_resource":
+            xml = ET.fromstring(part.get_payload(decode=True) or b"")
+    return name, data, xml
+
+
+def ingest_error(name: str, message: str, /) -> ET.Element:
+    """The import service's answer (HTTP 200) when ingesting a file failed: ``import_service.process_filtered``."""
+    answer = ET.Element("resource", type="uploaded")
+    ET.SubElement(ET.SubElement(answer, "file", name=name), "tag", name="error", value=message)
+    return answer
+
+
+def reencode_tiff(data: bytes) -> bytes:
+    """The pixels as a plain TIFF, as BisQue's image service (imgcnv) sends ``?format=tiff``: no ImageJ or OME
+    metadata, so no voxel size. An undecodable file is sent as it is."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            pixels = tif.series[0].asarray()
+    except (tifffile.TiffFileError, ValueError, IndexError):
+        return data
+    out = io.BytesIO()
+    tifffile.imwrite(out, pixels, photometric="minisblack", metadata=None)
+    return out.getvalue()
+
+
+def tiff_meta(data: bytes) -> dict[str, str]:
+    """``image_num_*`` and ``pixel_resolution_*`` (µm; 0 when unknown, as BisQue's converters report) of a TIFF."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            sizes = dict(zip(tif.series[0].axes, tif.series[0].shape))
+            tags, imagej = tif.pages[0].tags, tif.imagej_metadata or {}
+    except (tifffile.TiffFileError, ValueError, IndexError):
+        return {}
+    meta = {f"image_num_{a.lower()}": str(sizes.get(a, 1)) for a in "XYZCT"}
+    for axis, tag in (("x", "XResolution"), ("y", "YResolution")):
+        pixels_per_um = tags[tag].value[0] / tags[tag].value[1] if tag in tags and imagej else 0
+        meta[f"pixel_resolution_{axis}"] = str(1.0 / pixels_per_um if pixels_per_um else 0.0)
+    meta["pixel_resolution_z"] = str(float(imagej.get("spacing", 0.0)))
+    meta.update({f"pixel_resolution_unit_{axis}": "microns" for axis in "xyz"})
+    return meta
+
+
+def merge_by_name(parent: ET.Element, child: ET.Element, *, depth: int) -> None:
+    """Replace ``parent``'s same-named child (or append); at depth 2, merge one level further down."""
+    same = [c for c in parent if c.tag == child.tag and c.get("name") == child.get("name")]
+    if not same or child.get("name") is None:
+        parent.append(child)
+    elif depth > 1:
+        for grandchild in child:
+            merge_by_name(same[0], grandchild, depth=depth - 1)
+    else:
+        parent[list(parent).index(same[0])] = child
