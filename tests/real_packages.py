@@ -75,5 +75,5 @@ def run_child(code: str, /, *, paths: list[Path], preload: list[Path] = (), time
     prelude = "import ctypes, os\n" + "".join(f"ctypes.CDLL({str(p)!r}, mode=os.RTLD_GLOBAL)\n" for p in preload)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), str(ROOT), str(ROOT / "tests")])}
     return subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+        [sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, check=False,
     )

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import torch
 
-from engine.bundle import Bundle, Normalization, OutputSpec, PostprocessSpec, make_bundle
+from engine.bundle import (
+    Bundle,
+    Normalization,
+    OutputSpec,
+    PostprocessSpec,
+    make_bundle,
+)
 
 __all__ = ["ARCHITECTURES", "make_tiny_bundle"]
 

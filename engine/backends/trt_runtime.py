@@ -25,7 +25,7 @@ from ..errors import BackendUnavailableError, BundleError, InputError
 from .engine_key import INPUT_NAME, OUTPUT_NAME, PlanRecord, Profile
 
 __all__ = [
-    "TrtEngine", "cuda_driver_version", "cuda_mismatch", "open_runtime", "recording_logger", "start_checked", "tensorrt_cuda_major",
+    "TrtEngine", "check_io", "cuda_driver_version", "cuda_mismatch", "open_runtime", "recording_logger", "start_checked", "tensorrt_cuda_major",
 ]
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def cuda_mismatch(trt: ModuleType, /, *, driver: tuple[int, int] | None) -> str 
     return None
 
 
-def _check_io(trt: ModuleType, engine: Any, *, where: object, channels: tuple[int, int]) -> None:
+def check_io(trt: ModuleType, engine: Any, *, where: object, channels: tuple[int, int]) -> None:
     """The plan's tensors must be fp32 ``input (N, C, Z, Y, X)`` and ``output (N, K, Z, Y, X)`` of the bundle."""
     names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
     types = {n: engine.get_tensor_dtype(n) for n in names}
@@ -150,7 +150,7 @@ class TrtEngine:
                     f"{where}: TensorRT {trt.__version__} cannot deserialize this plan ({'; '.join(self._logger.errors) or 'see its log'}); "
                     "delete it to rebuild"
                 )
-            _check_io(trt, self.engine, where=where, channels=channels)
+            check_io(trt, self.engine, where=where, channels=channels)
             self.context = self.engine.create_execution_context()
             if self.context is None:
                 raise BackendUnavailableError(f"{where}: TensorRT cannot create an execution context ({'; '.join(self._logger.errors)})")

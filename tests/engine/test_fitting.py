@@ -47,7 +47,7 @@ def test_cpu_keeps_the_bundles_patch_and_batch_one(tiny_bundle) -> None:
 
 def test_largest_patch_and_batch_that_fit_are_chosen_and_cached(tiny_bundle, tmp_path) -> None:
     measure, calls = fake_memory()
-    kw = dict(cache_dir=tmp_path, free_bytes=2e9, device_key="fake-gpu-16GB")
+    kw = {"cache_dir": tmp_path, "free_bytes": 2e9, "device_key": "fake-gpu-16GB"}
     fit = fit_tiling(tiny_bundle, TorchLike(tiny_bundle), (200, 512, 512), measure=measure, **kw)
     budget = 0.8 * 2e9
     voxels = math.prod(fit.patch_shape)
@@ -80,7 +80,7 @@ def test_the_capability_not_the_name_decides_whether_the_patch_grows(tiny_bundle
 
 def test_less_free_memory_gives_a_smaller_fit_from_the_same_cache(tiny_bundle, tmp_path) -> None:
     measure, _ = fake_memory()
-    kw = dict(cache_dir=tmp_path, device_key="fake")
+    kw = {"cache_dir": tmp_path, "device_key": "fake"}
     roomy = fit_tiling(tiny_bundle, TorchLike(tiny_bundle), (200, 512, 512), measure=measure, free_bytes=8e9, **kw)
     tight = fit_tiling(tiny_bundle, TorchLike(tiny_bundle), (200, 512, 512), measure=measure, free_bytes=3e8, **kw)
     assert math.prod(tight.patch_shape) * tight.batch_size < math.prod(roomy.patch_shape) * roomy.batch_size

@@ -18,7 +18,12 @@ import pytest
 import torch
 from tiny_bundles import make_tiny_bundle
 
-from engine.backends import BACKEND_ORDER, BackendOptions, backend_status, select_backend
+from engine.backends import (
+    BACKEND_ORDER,
+    BackendOptions,
+    backend_status,
+    select_backend,
+)
 from engine.backends.ort_backend import OrtCPUBackend, OrtGPUBackend
 from engine.bundle import Bundle, load_bundle, write_bundle_json
 from engine.errors import BackendUnavailableError, BundleError

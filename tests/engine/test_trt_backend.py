@@ -18,7 +18,15 @@ from tiny_bundles import make_tiny_bundle
 
 from engine.backends import BackendOptions, select_backend
 from engine.backends.engine_key import (
-    ENGINES_ENV, EngineKey, Host, Profile, engines_dir, find_plan, plan_lock, read_plan, write_plan,
+    ENGINES_ENV,
+    EngineKey,
+    Host,
+    Profile,
+    engines_dir,
+    find_plan,
+    plan_lock,
+    read_plan,
+    write_plan,
 )
 from engine.backends.trt_backend import TensorRTBackend
 from engine.backends.trt_build import import_tensorrt
@@ -119,16 +127,15 @@ def test_plan_lock_excludes_a_second_process(tmp_path: Path) -> None:
         "try:\n    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)\n"
     )
     with plan_lock(tmp_path, "stem"):
-        held = subprocess.run([sys.executable, "-c", probe, str(tmp_path / ".stem.lock")])
-    free = subprocess.run([sys.executable, "-c", probe, str(tmp_path / ".stem.lock")])
+        held = subprocess.run([sys.executable, "-c", probe, str(tmp_path / ".stem.lock")], check=False)
+    free = subprocess.run([sys.executable, "-c", probe, str(tmp_path / ".stem.lock")], check=False)
     assert held.returncode == 3 and free.returncode == 0
 
 
 def test_unwritable_engines_folder_says_how_to_fix_it(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    with pytest.raises(BackendUnavailableError, match=ENGINES_ENV):
-        with plan_lock(tmp_path / "file" / "engines", "stem"):
-            pass
+    with pytest.raises(BackendUnavailableError, match=ENGINES_ENV), plan_lock(tmp_path / "file" / "engines", "stem"):
+        pass
 
 
 def test_engines_folder_can_be_moved_out_of_the_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

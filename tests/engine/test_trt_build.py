@@ -15,7 +15,13 @@ from api_names import load_snapshot, snapshot_enum
 from tiny_bundles import make_tiny_bundle
 
 from engine.backends.engine_key import Profile
-from engine.backends.trt_build import BuildSettings, build_serialized_plan, check_max_batch, import_tensorrt, max_batch_for
+from engine.backends.trt_build import (
+    BuildSettings,
+    build_serialized_plan,
+    check_max_batch,
+    import_tensorrt,
+    max_batch_for,
+)
 from engine.errors import BackendUnavailableError, BundleError, InputError
 
 PROFILE = Profile(channels=1, patch_shape=(16, 32, 32), min_spatial=(4, 4, 4), opt_batch=2, max_batch=4)

@@ -11,12 +11,18 @@ import pytest
 from onnx import TensorProto, helper
 from onnxconverter_common import float16
 
+from engine.backends.gate import compare, load_sample
 from engine.bundle import Bundle
+from engine.metrics import foreground_dice
 from export import fp16
 from export.errors import ExportError
-from export.fp16 import _elem_types, _restore_fp32_outputs, convert_fp16, fp32_report, overflow_nodes
-from engine.backends.gate import compare, load_sample
-from engine.metrics import foreground_dice
+from export.fp16 import (
+    _elem_types,
+    _restore_fp32_outputs,
+    convert_fp16,
+    fp32_report,
+    overflow_nodes,
+)
 from export.onnx_export import trace_model
 
 

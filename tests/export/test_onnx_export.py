@@ -12,12 +12,12 @@ import pytest
 import torch
 from tiny_bundles import make_tiny_bundle
 
+from engine.backends.gate import load_sample, torch_probabilities
 from engine.bundle import DEFAULT_BUNDLE_DIR, Bundle, load_bundle, write_bundle_json
 from engine.errors import InputError
 from export import onnx_export
 from export.bundle_export import ExportOptions, export_bundle
 from export.errors import ExportError
-from engine.backends.gate import load_sample, torch_probabilities
 from export.onnx_export import MAX_ABS_ERR, export_onnx
 
 
