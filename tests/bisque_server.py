@@ -259,12 +259,16 @@ class BisqueTestServer:
         return resource
 
     def _update_mex(self, uniq: str, posted: ET.Element) -> None:
-        """Apply a posted ``<mex value=STATUS>``: set the status, merge ``<tag>`` children by name."""
+        """Apply a posted ``<mex value=STATUS>``: set the status, merge ``<tag>`` children by name. Nested
+        ``<mex>`` elements (a whole document posted back, as bqapi's ``finish_mex`` does) are their own MEXes,
+        identified by URI, and left as they are."""
         mex = self._mexes[uniq]
         if posted.get("value"):
             mex.set("value", posted.get("value", ""))
             self._history[uniq].append(posted.get("value", ""))
         for child in posted:
+            if child.tag == "mex":
+                continue
             merge_by_name(mex, child, depth=2 if child.get("name") in ("inputs", "outputs") else 1)
 
     def _store_upload(self, name: str, data: bytes, xml: ET.Element | None) -> ET.Element:

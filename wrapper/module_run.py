@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -45,6 +46,7 @@ class ModuleRun:
         self.stage = "starting"
         self._bundle: Any = None
         self._backend: Any = None
+        self._plan_cache: str | None = None
 
     def close(self) -> None:
         """Release the backend (GPU memory, TensorRT context)."""
@@ -72,6 +74,27 @@ class ModuleRun:
             logger.info("model %s loaded on %s (%s, %s); every image of this run reuses it", bundle.name,
                         self._backend.name, self._backend.device_name, self._backend.precision)
         return self._backend
+
+    def plan_cache(self) -> str:
+        """Where TensorRT plans for the model are kept between runs (``$CELLSEG3D_ENGINES/<model>``), checked
+        writable once: a plan cached in a folder that does not outlive the container is rebuilt every run."""
+        if self._plan_cache is None:
+            from engine.backends.engine_key import ENGINES_ENV, engines_dir
+
+            folder = engines_dir(self.bundle())
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / f".write-test-{os.getpid()}"
+                probe.touch()
+                probe.unlink()
+            except OSError as exc:
+                logger.warning("%s: TensorRT plans cannot be cached there (%s); mount a writable host folder and "
+                               "set %s to it", folder, exc, ENGINES_ENV)
+            if not os.environ.get(ENGINES_ENV):
+                logger.warning("%s is not set: plans go into the model folder %s; mount a host folder and set it "
+                               "so they outlive the container", ENGINES_ENV, folder)
+            self._plan_cache = str(folder)
+        return self._plan_cache
 
     def segment(self, image: Path, out_dir: Path, params: Params, progress: Any,
                 voxel_size_um: tuple[float, float, float] | None = None) -> tuple[Any, Path, Path]:
@@ -105,6 +128,7 @@ class ModuleRun:
 
     def image(self, bq: Any, mex: Mex, params: Params, workdir: Path) -> dict[str, Any]:
         """One image: fetch -> segment -> upload -> FINISHED (checked) on ``mex``."""
+        self.plan_cache()
         self.backend()
         self.stage = "fetching the image"
         mex.update("fetching image")
@@ -126,7 +150,8 @@ class ModuleRun:
         except BisqueError as exc:
             raise BisqueError(f"{exc}; the label image had been uploaded as {segmentation}") from exc
         io_s["upload"] = time.perf_counter() - started
-        meta = metadata(result, params, self.bundle(), voxel=result.report.voxel_size_um, io_s=io_s)
+        meta = {**metadata(result, params, self.bundle(), voxel=result.report.voxel_size_um, io_s=io_s),
+                "plan_cache": self.plan_cache()}
         self.stage = "finishing the MEX"
         mex.finish(outputs_tag(segmentation, table_uri, meta))
         return {"Segmentation": segmentation, "Cell table": table_uri, "Metadata": meta}
