@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         log.flush()
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("tensorrt", "onnxruntime", "monai"):
+    for name in ("tensorrt", "tensorrt_lean", "onnxruntime", "monai"):
         try:
             module = importlib.import_module(name)
             say(f"{name} {getattr(module, '__version__', '?')}" + (f" providers {module.get_available_providers()}" if name == "onnxruntime" else ""))

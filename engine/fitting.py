@@ -173,26 +173,35 @@ def fit_tiling(
     else:
         candidates = _candidates(bundle.patch_shape, volume_shape, divisor)
     max_batch = MAX_BATCH if backend.can_grow_patch else min(MAX_BATCH, backend.options.max_batch)
-    budget = free_bytes * MEMORY_MARGIN
+    best, measured = _largest_fit(candidates, table, measure, budget=free_bytes * MEMORY_MARGIN, reserve_bytes=reserve_bytes, max_batch=max_batch)
+    _save_cache(path, key, table)
+    if best is None:
+        smallest = candidates[0]
+        logger.warning("patch %s does not fit the free device memory (%.2f GiB); trying batch 1", smallest, free_bytes / 2**30)
+        best = (smallest, 1)
+    return Fit(best[0], batch_size or best[1], "cache" if cached and not measured else "measured")
+
+
+def _largest_fit(
+    candidates: list[tuple[int, int, int]], table: dict[str, list[float]], measure: Measure, *, budget: float,
+    reserve_bytes: Callable[[tuple[int, int, int]], float], max_batch: int,
+) -> tuple[tuple[tuple[int, int, int], int] | None, bool]:
+    """The largest candidate patch (smallest first) that fits ``budget``, with its batch; measures what
+    ``table`` lacks (``bytes(batch) = base + batch * per_patch``) and says whether it measured anything."""
     best: tuple[tuple[int, int, int], int] | None = None
+    measured = False
     for patch in candidates:
         name = "x".join(map(str, patch))
         if name not in table:
-            cached = False
+            measured = True
             one, two = measure(patch, 1), measure(patch, 2)
             table[name] = [one - (two - one), two - one] if math.isfinite(two) else [one, math.inf]
         base, per = table[name]
         room = budget - reserve_bytes(patch) - base
         if not math.isfinite(per) or room < per:
             break  # larger patches need more
-        fits = int(min(max_batch, room // per)) if per > 0 else max_batch
-        best = (patch, batch_size or max(1, fits))
-    _save_cache(path, key, table)
-    if best is None:
-        smallest = candidates[0]
-        logger.warning("patch %s does not fit the free device memory (%.2f GiB); trying batch 1", smallest, free_bytes / 2**30)
-        best = (smallest, 1)
-    return Fit(best[0], best[1], "cache" if cached else "measured")
+        best = (patch, max(1, int(min(max_batch, room // per)) if per > 0 else max_batch))
+    return best, measured
 
 
 def _load_cache(path: Path, key: dict[str, object]) -> tuple[dict[str, list[float]], bool]:
