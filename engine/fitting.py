@@ -175,11 +175,11 @@ def fit_tiling(
     max_batch = MAX_BATCH if backend.can_grow_patch else min(MAX_BATCH, backend.options.max_batch)
     best, measured = _largest_fit(candidates, table, measure, budget=free_bytes * MEMORY_MARGIN, reserve_bytes=reserve_bytes, max_batch=max_batch)
     _save_cache(path, key, table)
+    source = "cache" if cached and not measured else "measured"
     if best is None:
-        smallest = candidates[0]
-        logger.warning("patch %s does not fit the free device memory (%.2f GiB); trying batch 1", smallest, free_bytes / 2**30)
-        best = (smallest, 1)
-    return Fit(best[0], batch_size or best[1], "cache" if cached and not measured else "measured")
+        logger.warning("patch %s does not fit the free device memory (%.2f GiB); trying batch 1", candidates[0], free_bytes / 2**30)
+        return Fit(candidates[0], 1, source)
+    return Fit(best[0], batch_size or best[1], source)
 
 
 def _largest_fit(
