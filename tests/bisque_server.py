@@ -42,28 +42,22 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "wrapper"))  # tests/wrapper/bisque_content.py
 from bisque_content import (
+    Faults,
     RequestRecord,
     Upload,
     dataset_values,
     ingest_error,
     merge_by_name,
+    module_service,
     parse_upload,
     reencode_tiff,
+    services_xml,
     tiff_meta,
 )
 
 __all__ = ["BisqueTestServer", "RequestRecord", "Upload", "bisque_server"]
 
 _SERVICES = ("data_service", "image_service", "blob_service", "module_service", "import", "auth_service")
-
-
-@dataclass
-class _Fault:
-    substring: str
-    kind: str  # "status", "cut" or "stall"
-    value: float
-    times: int
-    method: str | None = None
 
 
 @dataclass
@@ -93,7 +87,8 @@ class BisqueTestServer:
         self._history: dict[str, list[str]] = {}
         self._tokens: dict[str, str] = {}  # token -> mex uniq
         self._scopes: dict[str, set[str]] = {}  # top MEX uniq -> the MEXes its token may update
-        self._faults: list[_Fault] = []
+        self._faults = Faults()
+        self.modules: dict[str, ET.Element] = {}  # registered module definitions by uniq
         self._upload_refusal: int | str | None = None
         self._lock = threading.RLock()
         self._released = threading.Event()
@@ -174,6 +169,14 @@ class BisqueTestServer:
             self._tokens[token] = top
             return mex.get("uri", ""), token
 
+    def add_module(self, module: ET.Element, engine_uri: str, /) -> ET.Element:
+        """Register a module definition (``<module name=...>``) served by ``engine_uri``; returns it with its URI."""
+        with self._lock:
+            uniq = self._new_uniq()
+            module.attrib.update(uri=f"{self.root}/data_service/{uniq}", resource_uniq=uniq, value=engine_uri)
+            self.modules[uniq] = module
+            return module
+
     def resource_document(self, uri: str, /) -> ET.Element:
         """A copy of a data_service resource's deep document (a dataset lists its members)."""
         with self._lock:
@@ -202,18 +205,15 @@ class BisqueTestServer:
     def fail_next(self, substring: str, status: int, /, *, times: int = 1, method: str | None = None) -> None:
         """Answer the next ``times`` requests (of ``method``, if given) whose path+query contains
         ``substring`` with ``status``."""
-        with self._lock:
-            self._faults.append(_Fault(substring, "status", status, times, method))
+        self._faults.add(substring, "status", status, times=times, method=method)
 
     def close_connection_mid_download(self, substring: str, /, *, times: int = 1) -> None:
         """For the next matching file downloads, promise the full length, send half and hang up."""
-        with self._lock:
-            self._faults.append(_Fault(substring, "cut", 0, times))
+        self._faults.add(substring, "cut", 0, times=times)
 
     def stall_next(self, substring: str, seconds: float, /, *, times: int = 1) -> None:
         """Hold the next matching requests for ``seconds`` (or until ``close``) before answering."""
-        with self._lock:
-            self._faults.append(_Fault(substring, "stall", seconds, times))
+        self._faults.add(substring, "stall", seconds, times=times)
 
     def refuse_uploads(self, refusal: int | str | None, /) -> None:
         """Answer every upload with an HTTP status, or (a string) with HTTP 200 and ``<tag name="error">`` as
@@ -222,16 +222,6 @@ class BisqueTestServer:
             self._upload_refusal = refusal
 
     # ---- internals -----------------------------------------------------------------------------------
-    def _take_fault(self, method: str, target: str, kinds: tuple[str, ...]) -> _Fault | None:
-        with self._lock:
-            for fault in self._faults:
-                if fault.kind in kinds and fault.substring in target and fault.method in (None, method):
-                    fault.times -= 1
-                    if fault.times <= 0:
-                        self._faults.remove(fault)
-                    return fault
-        return None
-
     def _new_uniq(self) -> str:
         return "00-" + secrets.token_urlsafe(16).replace("-", "x").replace("_", "y")
 
@@ -251,12 +241,6 @@ class BisqueTestServer:
         if deep:
             elem.extend(ET.fromstring(ET.tostring(child)) for child in res.children)
         return elem
-
-    def _services_xml(self) -> ET.Element:
-        resource = ET.Element("resource", uri=f"{self.root}/services")
-        for service in _SERVICES:  # the trailing slash matters: bqapi urljoin()s paths onto these
-            ET.SubElement(resource, "tag", name="service", type=service, value=f"{self.root}/{service}/")
-        return resource
 
     def _update_mex(self, uniq: str, posted: ET.Element) -> None:
         """Apply a posted ``<mex value=STATUS>``: set the status, merge ``<tag>`` children by name. Nested
@@ -314,16 +298,16 @@ class _Handler(BaseHTTPRequestHandler):
             bq.requests.append(RequestRecord(self.command, split.path, split.query,
                                              {k.lower(): v for k, v in self.headers.items()}, body))
         target = self.path
-        stall = bq._take_fault(self.command, target, ("stall",))
+        stall = bq._faults.take(self.command, target, ("stall",))
         if stall is not None:
             bq._released.wait(stall.value)
-        failure = bq._take_fault(self.command, target, ("status",))
+        failure = bq._faults.take(self.command, target, ("status",))
         if failure is not None:
             return self._send(int(failure.value), b"injected failure", "text/plain")
         parts = [urllib.parse.unquote(p) for p in split.path.strip("/").split("/") if p]
         query = dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True))
         if parts == ["services"]:
-            return self._send_xml(bq._services_xml())
+            return self._send_xml(services_xml(bq.root, _SERVICES))
         token_uniq = self._authenticate()
         if token_uniq is None:
             return self._send(401, b"authentication required", "text/plain",
@@ -356,6 +340,8 @@ class _Handler(BaseHTTPRequestHandler):
         with bq._lock:
             if service == "module_service" and rest[:1] == ["mex"] and len(rest) == 2:
                 return self._mex(rest[1], query, body, token_uniq)
+            if service == "module_service" and (not rest or rest[0] in ("register_engine", "unregister_engine")):
+                return self._module_service(rest, query, body)
             if self.command == "GET" and service == "data_service" and rest:
                 return self._send_xml(bq._resource_xml(rest[-1], deep="short" not in query.get("view", "")))
             if self.command == "GET" and service == "auth_service" and rest == ["session"]:
@@ -389,6 +375,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_xml(mex)
         return self._send_xml(ET.Element("mex", dict(mex.attrib)))
 
+    def _module_service(self, rest: list[str], query: dict[str, str], body: bytes) -> None:
+        status, answer = module_service(self.bisque, rest, self.command, query, body)
+        return self._send_xml(answer) if status == 200 else self._send(status, str(answer).encode(), "text/plain")
+
     def _meta_xml(self, uniq: str) -> ET.Element:
         resource = self.bisque._resources[uniq]
         meta = ET.Element("resource", uri=f"{self.bisque.root}/image_service/{uniq}?meta")
@@ -408,7 +398,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_file(self, resource: _Resource, data: bytes) -> None:
         ctype = "image/tiff" if resource.tag == "image" else "application/octet-stream"
-        if self.bisque._take_fault(self.command, self.path, ("cut",)) is not None:
+        if self.bisque._faults.take(self.command, self.path, ("cut",)) is not None:
             self.send_response(200)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))

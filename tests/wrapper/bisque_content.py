@@ -6,11 +6,13 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import io
+import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["RequestRecord", "Upload", "dataset_values", "ingest_error", "merge_by_name", "parse_upload",
-           "reencode_tiff", "tiff_meta"]
+__all__ = ["Faults", "RequestRecord", "Upload", "dataset_values", "ingest_error", "merge_by_name", "module_service",
+           "parse_upload", "reencode_tiff", "services_xml", "tiff_meta"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,39 @@ class Upload:
     xml: ET.Element | None
     uri: str
     uniq: str
+
+
+@dataclass
+class _Fault:
+    substring: str
+    kind: str  # "status", "cut" or "stall"
+    value: float
+    times: int
+    method: str | None = None
+
+
+class Faults:
+    """Faults to inject into the next matching requests (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._faults: list[_Fault] = []
+        self._lock = threading.Lock()
+
+    def add(self, substring: str, kind: str, value: float, /, *, times: int, method: str | None = None) -> None:
+        """``kind``: ``status`` (answer ``value``), ``cut`` (half the file, then hang up) or ``stall`` (wait)."""
+        with self._lock:
+            self._faults.append(_Fault(substring, kind, value, times, method))
+
+    def take(self, method: str, target: str, kinds: tuple[str, ...], /) -> _Fault | None:
+        """The first fault of one of ``kinds`` for this request (path + query ``target``), used up once."""
+        with self._lock:
+            for fault in self._faults:
+                if fault.kind in kinds and fault.substring in target and fault.method in (None, method):
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        self._faults.remove(fault)
+                    return fault
+        return None
 
 
 def dataset_values(members: list[str], /) -> list[ET.Element]:
@@ -116,3 +151,30 @@ def merge_by_name(parent: ET.Element, child: ET.Element, *, depth: int) -> None:
             merge_by_name(same[0], grandchild, depth=depth - 1)
     else:
         parent[list(parent).index(same[0])] = child
+
+
+def services_xml(root: str, services: tuple[str, ...], /) -> ET.Element:
+    """``GET /services``: every service URL ends in '/', since bqapi urljoin()s paths onto them."""
+    resource = ET.Element("resource", uri=f"{root}/services")
+    for service in services:
+        ET.SubElement(resource, "tag", name="service", type=service, value=f"{root}/{service}/")
+    return resource
+
+
+def module_service(server: Any, rest: list[str], method: str, query: dict[str, str], body: bytes,
+                   /) -> tuple[int, ET.Element | str]:
+    """``module_server.py``: ``register_engine`` answers 405 for a name registered with an engine already;
+    ``unregister_engine/<uniq>`` blanks the module's engine (``value``); ``GET /module_service/`` lists them.
+    ``server``: the test server (its ``modules`` and ``add_module``). Returns ``(HTTP status, answer)``."""
+    modules = server.modules
+    if rest and rest[0] == "register_engine" and method == "POST":
+        module = ET.fromstring(body)
+        if any(m.get("name") == module.get("name") and m.get("value") for m in modules.values()):
+            return 405, "Engine is already registered by that name"
+        return 200, server.add_module(module, query.get("engine_uri", ""))
+    if rest and rest[0] == "unregister_engine" and len(rest) == 2:
+        modules[rest[1]].set("value", "")
+        return 200, modules[rest[1]]
+    listing = ET.Element("resource", uri=f"{server.root}/module_service/")
+    listing.extend(ET.Element("module", dict(m.attrib)) for m in modules.values())
+    return 200, listing
