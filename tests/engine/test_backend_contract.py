@@ -4,6 +4,7 @@ output shape and prepared before streaming (the TensorRT parts run without a GPU
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,6 +15,7 @@ from tiny_bundles import make_tiny_bundle
 
 from engine.backends import Backend, BackendOptions, select_backend
 from engine.backends.engine_key import EngineKey, PlanRecord, Profile
+from engine.backends.ort_backend import OrtGPUBackend
 from engine.backends.trt_backend import TensorRTBackend
 from engine.backends.trt_runtime import TrtEngine, check_io
 from engine.bundle import Bundle, load_bundle
@@ -138,3 +140,13 @@ def test_prepare_keeps_a_plan_that_covers_the_run_and_then_refuses_to_build_mid_
 
 def test_tensorrt_plans_are_fixed_patch_engines(bundle: Bundle) -> None:
     assert not TensorRTBackend.can_grow_patch and select_backend("torch-cpu", bundle).can_grow_patch
+
+
+def test_install_hints_name_the_cuda_specific_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_lean", None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    reason = TensorRTBackend.unavailable_reason() or ""
+    assert "pip install tensorrt-cu12" in reason and "tensorrt-lean-cu12" in reason and "pip install tensorrt " not in reason
+    assert "pip install onnxruntime-gpu (the build for this machine's CUDA major" in (OrtGPUBackend.unavailable_reason() or "")
