@@ -64,13 +64,16 @@ def skip_reason() -> str | None:
 
 
 def _gate_runtime(trt: ModuleType, *, lean: bool) -> ModuleType:
-    """The runtime that runs the gate: for a --lean plan the lean runtime when installed (what the image runs)."""
+    """The runtime that runs the gate: for a --lean plan the lean runtime when one of the builder's version is
+    installed (what the image runs; a lean runtime runs only its own version's plans), else the full one."""
     if lean:
         try:
             import tensorrt_lean
         except ImportError:
             return trt
-        return tensorrt_lean
+        if tensorrt_lean.__version__ == trt.__version__:
+            return tensorrt_lean
+        logger.warning("tensorrt_lean %s is not the builder's %s; the --lean plan is gated on the full runtime", tensorrt_lean.__version__, trt.__version__)
     return trt
 
 

@@ -227,7 +227,7 @@ class OrtGPUBackend(Backend):
             name=INPUT_NAME, device_type="cuda", device_id=index, element_type=np.float32, shape=tuple(batch.shape), buffer_ptr=batch.data_ptr(),
         )
         binding.bind_output(
-            name=OUTPUT_NAME, device_type="cuda", device_id=index, element_type=np.float32, shape=out.shape, buffer_ptr=out.data_ptr(),
+            name=OUTPUT_NAME, device_type="cuda", device_id=index, element_type=np.float32, shape=tuple(out.shape), buffer_ptr=out.data_ptr(),
         )
         caller = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(caller)  # the input was written on the caller's stream
