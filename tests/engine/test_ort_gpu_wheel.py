@@ -92,3 +92,11 @@ print("PROVIDERS", backend._providers(onnxruntime))
     assert "('CUDAExecutionProvider', {'device_id': 0, 'user_compute_stream': '32512'})" in child.stdout
     assert "'TensorrtExecutionProvider', {'device_id': 0, 'user_compute_stream': '32512'" in child.stdout
     assert Path(exported.path / "engines" / "ort-trt").is_dir()
+
+
+def test_every_onnxruntime_name_the_engine_uses_is_in_the_gpu_wheel() -> None:
+    assert WHEEL is not None
+    code = "import onnxruntime, api_names\nu = api_names.used_api('onnxruntime')\nprint('PROBLEMS', api_names.problems(api_names.describe(onnxruntime, u), u))\n"
+    child = run_child(code, paths=[WHEEL])
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "PROBLEMS []" in child.stdout
