@@ -17,9 +17,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-__all__ = ["ORT_GPU_ENV", "TRT_ENV", "package_dir", "run_child", "standin_libs"]
+__all__ = ["ORT_GPU_ENV", "TRT_ENV", "package_dir", "package_dirs", "run_child", "standin_libs"]
 
-TRT_ENV = "CELLSEG3D_TRT_WHEELS"  # pip --target folder: tensorrt-cu12, tensorrt-cu12-bindings, tensorrt-lean-cu12
+# pip --target folders (os.pathsep-separated, one per TensorRT version): tensorrt-cu12, its bindings, tensorrt-lean-cu12
+TRT_ENV = "CELLSEG3D_TRT_WHEELS"
 ORT_GPU_ENV = "CELLSEG3D_ORT_GPU_WHEEL"  # pip --target folder: onnxruntime-gpu
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +45,11 @@ def package_dir(env: str, /) -> Path | None:
     """The folder named by ``env``, when it is set and exists."""
     value = os.environ.get(env)
     return Path(value) if value and Path(value).is_dir() else None
+
+
+def package_dirs(env: str, /) -> list[Path]:
+    """The existing folders in ``env`` (``os.pathsep``-separated)."""
+    return [Path(p) for p in os.environ.get(env, "").split(os.pathsep) if p and Path(p).is_dir()]
 
 
 def _trt_major(folder: Path) -> int:

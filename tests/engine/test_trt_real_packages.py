@@ -1,8 +1,9 @@
 """The TensorRT code against the real wheels on a CPU machine (``tensorrt-cu12-bindings``, ``tensorrt-lean-cu12``).
 
-The wheels live in the folder ``$CELLSEG3D_TRT_WHEELS`` (``pip install --target``; ``.ci/run`` makes it);
-without it these tests skip with that reason. Each runs in a child Python (tests/real_packages.py): the
-lean runtime imports as is, the full bindings against stand-in libraries with the real sonames.
+The wheels live in the folders ``$CELLSEG3D_TRT_WHEELS`` names (``pip install --target``, one per TensorRT
+version; ``.ci/run`` makes 11.4.0.106 and 10.16.1.11, the Dockerfile's); without them these tests skip with that
+reason. Each runs in a child Python (tests/real_packages.py): the lean runtime imports as is, the full
+bindings against stand-in libraries with the real sonames.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import pytest
 from api_names import DESCRIBE_TRT, describe, load_snapshot, problems, used_api
-from real_packages import TRT_ENV, package_dir, run_child, standin_libs
+from real_packages import TRT_ENV, package_dirs, run_child, standin_libs
 
-WHEELS = package_dir(TRT_ENV)
+FOLDERS = package_dirs(TRT_ENV)
+WHEELS = FOLDERS[0] if FOLDERS else None  # the first is the version the snapshot describes
 needs_wheels = pytest.mark.skipif(WHEELS is None, reason=f"needs the real TensorRT wheels in ${TRT_ENV} (see .ci/run)")
 
 
@@ -25,15 +27,17 @@ def standins(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @needs_wheels
-def test_every_tensorrt_name_the_engine_uses_is_in_the_real_bindings(standins: list[Path], tmp_path: Path) -> None:
-    child = run_child(DESCRIBE_TRT, paths=[WHEELS], preload=standins)
-    assert child.returncode == 0, child.stderr
-    real = json.loads(child.stdout)
-    for module in ("tensorrt", "tensorrt_lean"):
-        assert problems(real[module], used_api(module)) == [], module
-    if real != load_snapshot():
-        (tmp_path / "trt_api_snapshot.json").write_text(child.stdout)
-        pytest.fail(f"the real bindings differ from tests/engine/trt_api_snapshot.json; the new one is {tmp_path / 'trt_api_snapshot.json'}")
+def test_every_tensorrt_name_the_engine_uses_is_in_the_real_bindings(tmp_path: Path) -> None:
+    """In every installed version; the snapshot the stand-in is built from must be the first one's exactly."""
+    for i, folder in enumerate(FOLDERS):
+        child = run_child(DESCRIBE_TRT, paths=[folder], preload=standin_libs(folder, tmp_path / f"standin{i}"))
+        assert child.returncode == 0, child.stderr
+        real = json.loads(child.stdout)
+        for module in ("tensorrt", "tensorrt_lean"):
+            assert problems(real[module], used_api(module)) == [], (folder, module)
+        if i == 0 and real != load_snapshot():
+            (tmp_path / "trt_api_snapshot.json").write_text(child.stdout)
+            pytest.fail(f"{folder} differs from tests/engine/trt_api_snapshot.json; the new one is {tmp_path / 'trt_api_snapshot.json'}")
 
 
 def test_the_name_check_catches_a_misspelt_keyword_and_a_missing_member() -> None:
