@@ -32,7 +32,7 @@ from bqapi.exception import BQAuthError, BQCommError
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # tests/bisque_server.py; pytest.ini's pythonpath too
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bisque_server import BisqueTestServer, bisque_server  # noqa: F401 - the fixture is used by name
+from bisque_server import BisqueTestServer
 
 
 class BoundedAdapter(HTTPAdapter):
@@ -98,7 +98,8 @@ def test_without_lxml_parameters_and_finish_mex_crash(bisque_server: BisqueTestS
             try: call()
             except AttributeError as exc: print(exc)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
+                         check=False).stdout
     assert out.count("has no attribute 'xpath'") == 2
     assert bisque_server.mex_status(mex_url) == "RUNNING"
 
@@ -147,7 +148,7 @@ def test_load_image_and_fetch_tiff(run) -> None:
 
 
 def test_fetchblob_needs_a_blob_service_url(run) -> None:
-    server, bq, _, image_uri = run
+    _, bq, _, image_uri = run
     uniq = bq.load(image_uri).resource_uniq
     assert bq.fetchblob(bq.service_url("blob_service", uniq)) == _tiff()
     assert bq.fetchblob(image_uri).startswith(b"<image")  # a data_service URL gives the document, not the file
@@ -277,7 +278,7 @@ def test_bad_token(bisque_server: BisqueTestServer) -> None:
 
 
 def test_a_token_may_only_update_its_own_mex(bisque_server: BisqueTestServer) -> None:
-    mex_a, token_a = bisque_server.create_mex({})
+    _, token_a = bisque_server.create_mex({})
     mex_b, _ = bisque_server.create_mex({})
     response = requests.post(mex_b, data=b'<mex value="FINISHED"/>', timeout=5,
                              headers={"Authorization": f"Mex {token_a}", "Content-Type": "text/xml"})
@@ -330,7 +331,7 @@ def test_without_services_urls_go_wrong(bisque_server: BisqueTestServer) -> None
 
 
 def test_token_stays_in_the_authorization_header(run, tmp_path: Path) -> None:
-    server, bq, mex_url, image_uri = run
+    server, bq, _, image_uri = run
     token = server.requests[0].headers["authorization"].removeprefix("Mex ")
     (tmp_path / "seg.tif").write_bytes(b"II*\x00")
     bq.load(image_uri).pixels().format("tiff").fetch()

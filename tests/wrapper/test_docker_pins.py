@@ -27,7 +27,7 @@ _OFFLINE = re.compile(r"(Failed to establish a new connection|Network is unreach
 
 def dockerfile_args(text: str, /) -> dict[str, str]:
     """``ARG NAME=value`` of a Dockerfile (quotes removed)."""
-    return {m[1]: m[2].strip('"') for m in re.finditer(r"^ARG (\w+)=(\S+)\s*$", text, flags=re.M)}
+    return {m[1]: m[2].strip('"') for m in re.finditer(r"^ARG (\w+)=(\S+)\s*$", text, flags=re.MULTILINE)}
 
 
 def image_facts(args: dict[str, str], /) -> tuple[tuple[int, int], str]:
@@ -123,9 +123,9 @@ def test_runtime_stage_is_lean_and_declares_no_volume() -> None:
     """No anonymous VOLUME (one per run, kept by nobody); the cache path is an environment variable; the
     runtime stage gets the venv and the module folder, no build or export tools."""
     text = (ROOT / "Dockerfile").read_text()
-    stages = re.findall(r"^FROM (\S+) AS (\S+)$", text, flags=re.M)
+    stages = re.findall(r"^FROM (\S+) AS (\S+)$", text, flags=re.MULTILINE)
     assert [name for _, name in stages] == ["python", "build", "runtime"]
-    assert not re.search(r"^VOLUME\b", text, flags=re.M)
+    assert not re.search(r"^VOLUME\b", text, flags=re.MULTILINE)
     assert "CELLSEG3D_ENGINES=/cache/engines" in text
     runtime = text.split("AS runtime", 1)[1]
     assert "WORKDIR /module" in runtime and "wrapper/PythonScriptWrapper.py" in runtime
@@ -133,7 +133,7 @@ def test_runtime_stage_is_lean_and_declares_no_volume() -> None:
     assert "sys.version_info[:2] <= (3, 12)" in text and "engine.cli export" in text and '".[bisque]"' in text
     allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.startswith("!")}
-    for sources in re.findall(r"^COPY (?!--from)(.+) \S+$", text, flags=re.M):
+    for sources in re.findall(r"^COPY (?!--from)(.+) \S+$", text, flags=re.MULTILINE):
         for source in sources.split():
             assert (ROOT / source).exists(), source
             assert source.split("/")[0].rstrip("/") in allowed, f"{source} is not in .dockerignore's allowlist"

@@ -13,18 +13,15 @@ import json
 import os
 import string
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 import yaml
+from bisque_server import BisqueTestServer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this file
-from bisque_server import BisqueTestServer, bisque_server  # noqa: E402, F401 - the fixture is used by name
-
-from wrapper.inputs import INPUTS  # noqa: E402
-from wrapper.results import outputs_tag  # noqa: E402
+from wrapper.inputs import INPUTS
+from wrapper.results import outputs_tag
 
 ROOT = Path(__file__).resolve().parents[2]
 WRAPPER_DIR = ROOT / "wrapper"

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ import requests
 import tifffile
 
 pytest.importorskip("bqapi")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bisque_engine.py beside this file
 from bisque_engine import (
     engine_argv,
     engine_runs,
@@ -22,7 +20,7 @@ from bisque_engine import (
     submit,
     web_ui_mex,
 )
-from bisque_server import BisqueTestServer, bisque_server  # noqa: F401 - the fixture is used by name
+from bisque_server import BisqueTestServer
 from bqapi import BQSession
 
 from engine.io import open_volume
@@ -67,7 +65,7 @@ def test_image_service_reencodes_without_spacing_and_meta_has_the_resolution(bis
     assert np.array_equal(tifffile.imread(tmp_path / "served.tif"), tifffile.imread(tmp_path / "original.tif"))
     assert bq.c.get(bq.service_url("blob_service", uniq)).content == original  # the blob is the file itself
     assert voxel_size_from_meta(bq, uniq) == (2.0, 0.5, 0.5)
-    plain, plain_uniq = bisque_server.add_image(served, "plain.tif")  # no resolution at all: reported as 0
+    _, plain_uniq = bisque_server.add_image(served, "plain.tif")  # no resolution at all: reported as 0
     assert voxel_size_from_meta(bq, plain_uniq) is None
 
 

@@ -24,8 +24,8 @@ import pytest
 import tifffile
 
 pytest.importorskip("bqapi")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this file
-from bisque_server import BisqueTestServer, bisque_server  # noqa: F401 - the fixture is used by name
+from bisque_engine import engine_runs, module_definition, submit, web_ui_mex
+from bisque_server import BisqueTestServer
 from wrapper_runs import (
     BOUND_S,
     FAST_HTTP,
@@ -36,8 +36,6 @@ from wrapper_runs import (
     no_token_on_the_wire,
     run_wrapper,
 )
-
-from bisque_engine import engine_runs, module_definition, submit, web_ui_mex
 
 from engine.bundle import Bundle
 from engine.io import open_volume
@@ -276,7 +274,8 @@ def test_local_file_mode(tiny_bundle: Bundle, tmp_path: Path) -> None:
     assert ran.rc == 0, ran.err
     labels = tifffile.imread(tmp_path / "stack_labels.tif")
     assert labels.shape == array.shape
-    rows = list(csv.DictReader(open(tmp_path / "stack_cells.csv", newline="")))
+    with open(tmp_path / "stack_cells.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
     assert len(rows) == int(labels.max()) and '"cell_count"' in ran.out
     assert rows == [] or float(rows[0]["volume_um3"]) == pytest.approx(int(rows[0]["volume_voxels"]) * 0.5)
     bad = run_wrapper(tiny_bundle, "--local", str(tmp_path / "missing.tif"))

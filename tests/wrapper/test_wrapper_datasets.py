@@ -15,12 +15,17 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("bqapi")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers beside this file
-from bisque_engine import engine_runs, module_definition, submit, web_ui_mex  # noqa: E402
-from bisque_server import BisqueTestServer, bisque_server  # noqa: E402, F401 - the fixture is used by name
-from wrapper_runs import cells_tiff, error_message, metadata_values, no_token_on_the_wire, run_wrapper  # noqa: E402
+from bisque_engine import engine_runs, module_definition, submit, web_ui_mex
+from bisque_server import BisqueTestServer
+from wrapper_runs import (
+    cells_tiff,
+    error_message,
+    metadata_values,
+    no_token_on_the_wire,
+    run_wrapper,
+)
 
-from engine.bundle import Bundle  # noqa: E402
+from engine.bundle import Bundle
 
 LOADED = "every image of this run reuses it"  # logged once per model load (wrapper.module_run)
 
