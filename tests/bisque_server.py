@@ -33,7 +33,6 @@ import threading
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Self
@@ -44,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "wrapper"))  # tests/wr
 from bisque_content import (
     Faults,
     RequestRecord,
+    Resource,
     Upload,
     dataset_values,
     ingest_error,
@@ -60,16 +60,6 @@ __all__ = ["BisqueTestServer", "RequestRecord", "Upload", "bisque_server"]
 _SERVICES = ("data_service", "image_service", "blob_service", "module_service", "import", "auth_service")
 
 
-@dataclass
-class _Resource:
-    tag: str  # "image" or "file"
-    name: str
-    data: bytes
-    meta: dict[str, str] = field(default_factory=dict)
-    children: list[ET.Element] = field(default_factory=list)
-    encoded: bytes = b""  # the image service's re-encoded TIFF, made on first request
-
-
 class BisqueTestServer:
     """Serve BisQue's module-facing API from memory on ``127.0.0.1:<free port>``, in a daemon thread.
 
@@ -82,7 +72,7 @@ class BisqueTestServer:
         self.user, self.password = user, password
         self.requests: list[RequestRecord] = []
         self.uploads: list[Upload] = []
-        self._resources: dict[str, _Resource] = {}
+        self._resources: dict[str, Resource] = {}
         self._mexes: dict[str, ET.Element] = {}
         self._history: dict[str, list[str]] = {}
         self._tokens: dict[str, str] = {}  # token -> mex uniq
@@ -123,15 +113,15 @@ class BisqueTestServer:
         Returns:
             ``(resource_uri, resource_uniq)``; the URI is the data_service document.
         """
-        return self._add(_Resource("image", name, bytes(data), dict(meta or {})))
+        return self._add(Resource("image", name, bytes(data), dict(meta or {})))
 
     def add_blob(self, data: bytes, name: str, /) -> tuple[str, str]:
         """Store any file as a ``<file>`` resource; returns ``(resource_uri, resource_uniq)``."""
-        return self._add(_Resource("file", name, bytes(data)))
+        return self._add(Resource("file", name, bytes(data)))
 
     def add_dataset(self, name: str, members: list[str], /) -> tuple[str, str]:
         """Store a dataset of ``members`` (resource URIs); returns ``(resource_uri, resource_uniq)``."""
-        return self._add(_Resource("dataset", name, b"", children=dataset_values(members)))
+        return self._add(Resource("dataset", name, b"", children=dataset_values(members)))
 
     def create_mex(self, inputs: dict[str, str], /, *, status: str = "RUNNING",
                    name: str = "CellSegment3DUnet") -> tuple[str, str]:
@@ -225,7 +215,7 @@ class BisqueTestServer:
     def _new_uniq(self) -> str:
         return "00-" + secrets.token_urlsafe(16).replace("-", "x").replace("_", "y")
 
-    def _add(self, resource: _Resource) -> tuple[str, str]:
+    def _add(self, resource: Resource) -> tuple[str, str]:
         with self._lock:
             uniq = self._new_uniq()
             self._resources[uniq] = resource
@@ -259,7 +249,7 @@ class BisqueTestServer:
         tag = xml.tag if xml is not None else ("image" if name.lower().endswith((".tif", ".tiff")) else "file")
         name = (xml.get("name") if xml is not None else None) or name
         children = list(xml) if xml is not None else []
-        uri, uniq = self._add(_Resource(tag, name, data, children=children))
+        uri, uniq = self._add(Resource(tag, name, data, children=children))
         self.uploads.append(Upload(name=name, data=data, xml=xml, uri=uri, uniq=uniq))
         answer = ET.Element("resource", type="uploaded")
         answer.append(self._resource_xml(uniq))
@@ -396,7 +386,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_xml(ingest_error(name, bq._upload_refusal))
         self._send_xml(bq._store_upload(name, data, xml))
 
-    def _send_file(self, resource: _Resource, data: bytes) -> None:
+    def _send_file(self, resource: Resource, data: bytes) -> None:
         ctype = "image/tiff" if resource.tag == "image" else "application/octet-stream"
         if self.bisque._faults.take(self.command, self.path, ("cut",)) is not None:
             self.send_response(200)

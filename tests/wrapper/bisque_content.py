@@ -8,10 +8,10 @@ import email.policy
 import io
 import threading
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Faults", "RequestRecord", "Upload", "dataset_values", "ingest_error", "merge_by_name", "module_service",
+__all__ = ["Faults", "RequestRecord", "Resource", "Upload", "dataset_values", "ingest_error", "merge_by_name", "module_service",
            "parse_upload", "reencode_tiff", "services_xml", "tiff_meta"]
 
 
@@ -35,6 +35,18 @@ class Upload:
     xml: ET.Element | None
     uri: str
     uniq: str
+
+
+@dataclass
+class Resource:
+    """A stored resource: its XML ``tag`` (image, file, dataset), bytes, image metadata and child elements."""
+
+    tag: str  # "image" or "file"
+    name: str
+    data: bytes
+    meta: dict[str, str] = field(default_factory=dict)
+    children: list[ET.Element] = field(default_factory=list)
+    encoded: bytes = b""  # the image service's re-encoded TIFF, made on first request
 
 
 @dataclass
