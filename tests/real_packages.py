@@ -17,11 +17,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-__all__ = ["ORT_GPU_ENV", "TRT_ENV", "package_dir", "package_dirs", "run_child", "standin_libs"]
+__all__ = ["ORT_GPU_ENV", "TRT_ENV", "package_dirs", "run_child", "standin_libs"]
 
 # pip --target folders (os.pathsep-separated, one per TensorRT version): tensorrt-cu12, its bindings, tensorrt-lean-cu12
 TRT_ENV = "CELLSEG3D_TRT_WHEELS"
-ORT_GPU_ENV = "CELLSEG3D_ORT_GPU_WHEEL"  # pip --target folder: onnxruntime-gpu
+ORT_GPU_ENV = "CELLSEG3D_ORT_GPU_WHEEL"  # pip --target folders (os.pathsep-separated): onnxruntime-gpu, one per version
 ROOT = Path(__file__).resolve().parents[1]
 
 # Every symbol the 11.x bindings import from libnvinfer, libnvinfer_plugin and libnvonnxparser (nm -D -u).
@@ -39,12 +39,6 @@ int32_t getNvOnnxParserVersion(void) { return 0; }
 void* getPluginRegistry(void) { return NULL; }
 bool initLibNvInferPlugins(void* logger, const char* ns) { return false; }
 """
-
-
-def package_dir(env: str, /) -> Path | None:
-    """The folder named by ``env``, when it is set and exists."""
-    value = os.environ.get(env)
-    return Path(value) if value and Path(value).is_dir() else None
 
 
 def package_dirs(env: str, /) -> list[Path]:
