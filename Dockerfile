@@ -9,7 +9,7 @@
 #   base image   nvidia/cuda 12.8 "base" (driver hookup and cudart only; the CUDA libraries come as wheels)
 #   torch        2.10.0 from PyPI: its Linux wheel is built for CUDA 12.8 (nvidia-*-cu12 wheels, cuDNN 9)
 #   TensorRT     10.16.1.11 for CUDA 12 (tensorrt-cu12, -libs, -bindings; the libs wheels are on NVIDIA's index)
-#   ONNX Runtime onnxruntime-gpu 1.24.4, built for CUDA 12 and cuDNN 9 (1.25 and later: CUDA 13)
+#   ONNX Runtime onnxruntime-gpu 1.26.0, built for CUDA 12 and cuDNN 9 (1.27 and later: CUDA 13)
 # The wheels' library folders are registered with ldconfig, so TensorRT and ONNX Runtime find cuBLAS/cuDNN
 # whatever was imported first.
 #
@@ -52,7 +52,7 @@ ARG TORCH_SPEC="torch==2.10.0"
 ARG TENSORRT_SPEC="tensorrt-cu12==10.16.1.11"
 ARG TENSORRT_LIBS_SPEC="tensorrt-cu12-libs==10.16.1.11"
 ARG TENSORRT_BINDINGS_SPEC="tensorrt-cu12-bindings==10.16.1.11"
-ARG ORT_SPEC="onnxruntime-gpu==1.24.4"
+ARG ORT_SPEC="onnxruntime-gpu==1.26.0"
 ARG NVIDIA_INDEX_URL=https://pypi.nvidia.com
 RUN python3 -m venv /opt/venv \
  && pip install "${TORCH_SPEC}" \

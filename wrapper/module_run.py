@@ -203,7 +203,7 @@ class ModuleRun:
         if failed:
             raise BisqueError(f"{len(failed)} of {len(urls)} images failed; the first: {failed[0]}")
         self.stage = "finishing the MEX"
-        top.finish(dataset_outputs_tag(dataset or "", top.url))
+        top.finish(dataset_outputs_tag(dataset, top.url))
         return results
 
     @staticmethod

@@ -50,10 +50,8 @@ def outputs_tag(segmentation_uri: str, table_uri: str, meta: Mapping[str, Any], 
     ]}
 
 
-def dataset_outputs_tag(dataset_url: str, mex_url: str, /) -> dict[str, Any]:
-    """The ``outputs`` of a dataset's top MEX: the dataset and the MEX whose sub-MEXes hold the results, as
-    BisQue's engine writes them after an iterated run (``command_run.BaseRunner.command_finish2``)."""
-    return {"name": "outputs", "tag": [
-        {"name": "resource_url", "type": "dataset", "value": dataset_url},
-        {"name": "mex_url", "type": "mex", "value": mex_url},
-    ]}
+def dataset_outputs_tag(dataset_url: str | None, mex_url: str, /) -> dict[str, Any]:
+    """The ``outputs`` of a MEX whose sub-MEXes hold the results: the dataset (a top MEX has it, a block does
+    not) and the MEX, as BisQue's engine writes them after an iterated run (``command_run.command_finish2``)."""
+    dataset = [{"name": "resource_url", "type": "dataset", "value": dataset_url}] if dataset_url else []
+    return {"name": "outputs", "tag": [*dataset, {"name": "mex_url", "type": "mex", "value": mex_url}]}

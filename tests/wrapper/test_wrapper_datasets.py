@@ -71,6 +71,8 @@ def test_a_block_of_images_in_one_process_loads_the_model_once(bisque_server: Bi
     members = [m.get("uri") for m in block.findall("mex")]
     assert [_outputs_ok(bisque_server, m)["input"] for m in members] == images
     assert bisque_server.mex_status(block.get("uri")) == "FINISHED"
+    assert {k: t.attrib for k, t in bisque_server.mex_outputs(block.get("uri")).items()} == {
+        "mex_url": {"name": "mex_url", "type": "mex", "value": block.get("uri")}}
     block_history = bisque_server.mex_history(block.get("uri"))
     assert block_history == ["running image 1 of 3", "running image 2 of 3", "running image 3 of 3", "FINISHED"]
 
