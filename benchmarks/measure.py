@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from engine.backends.torch_backend import cpu_has_native_bf16
 from engine.bundle import Bundle
 from engine.metrics import foreground_dice
-from engine.postprocess import interior_probability
+from engine.labels import interior_probability
 
 __all__ = [
     "TimedNetwork", "flops_per_voxel", "machine_peak", "machine_peaks", "native_precisions", "foreground_mask", "mask_dice",

@@ -28,7 +28,7 @@ from engine.io import read_volume, write_labels
 from engine.metrics import match_instances
 from engine.normalize import normalize
 from engine.pipeline import SegmentOptions, segment
-from engine.postprocess import label_cells
+from engine.labels import label_cells
 from engine.tiling import fit_patch_shape
 
 from . import peers

@@ -24,7 +24,7 @@ from engine.backends.torch_backend import cpu_has_native_bf16, default_threads
 from engine.bundle import Bundle
 from engine.errors import CellSegError
 from engine.metrics import match_instances
-from engine.postprocess import label_cells
+from engine.labels import label_cells
 
 from .cases import SIZES, bench_bundle, make_case, reference_probabilities, scratch_dir
 from .measure import flops_per_voxel, machine_peaks, native_precisions

@@ -79,7 +79,7 @@ class PostprocessSpec:
         label_threshd: cells smaller than this many voxels are dropped.
         merge_threshold: boundary models, watershed: merge touching regions while the mean boundary
             probability on their shared faces is below this (average-linkage agglomeration,
-            :mod:`engine.agglomerate`); None: no merging.
+            :mod:`engine.labels.graph`); None: no merging.
         merge_min_size: with ``merge_threshold``, regions under this many voxels then join their
             weakest-boundary neighbour.
     """

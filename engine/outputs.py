@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .stitch import FileLabelStore, MemoryLabelStore
+from .labels import FileLabelStore, MemoryLabelStore
 from .tiff_stream import ProbabilityWriter
 
 __all__ = ["RunOutputs"]

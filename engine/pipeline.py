@@ -30,7 +30,7 @@ from .outputs import RunOutputs
 from .progress import PROGRESS_UNITS, Progress, ProgressTracker
 from .report import RunReport
 from .scale import ScaledRun, ScalePlan, plan_for_source
-from .stitch import FileLabelStore, MemoryLabelStore, SlabLabeler
+from .labels import FileLabelStore, MemoryLabelStore, SlabLabeler
 from .streaming import (
     ArraySource,
     Source,

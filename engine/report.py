@@ -45,7 +45,7 @@ class RunReport:
     The stages overlap when a volume is streamed, so their sum can exceed ``wall_s``. ``n_slabs`` > 1
     means the volume was streamed in ``slab_depth``-plane slabs with ``halo`` planes of watershed halo;
     ``orphan_seeds`` counts seeds beyond a slab that flooded into it but that the next slab did not find
-    (a sign the halo is too small, see :mod:`engine.stitch`). ``oom_retries``: times the batch was halved
+    (a sign the halo is too small, see :mod:`engine.labels.slabs`). ``oom_retries``: times the batch was halved
     after the device ran out of memory; ``batch_size`` is the batch in use at the end. ``fit``: where the
     patch and batch came from (:class:`engine.fitting.Fit`). ``peak_rss_mb``: the process's peak resident
     memory at the end of the run.

@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 
 from .bundle import Bundle, PostprocessSpec
 from .errors import InputError
-from .postprocess import interior_probability
+from .labels import interior_probability
 from .streaming import Source, normalize_with
 from .tiling import TilingConfig, fit_patch_shape, sliding_window
 

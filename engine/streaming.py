@@ -9,7 +9,7 @@ volume):
    (:func:`engine.tiling.sliding_window_slabs`), blending on the backend's device and passing on each run
    of final probability planes;
 3. a post-processing thread writes the probabilities (if wanted) and labels finished cores
-   (:class:`engine.stitch.SlabLabeler`), storing provisional labels.
+   (:class:`engine.labels.SlabLabeler`), storing provisional labels.
 
 Sizes (:func:`plan_slabs`): with a memory budget (default :data:`DEFAULT_MEMORY_BYTES`, at most half of
 the available memory), a volume whose whole-volume working set fits is done in one slab, exactly as
@@ -35,7 +35,7 @@ from .bundle import Normalization, PostprocessSpec
 from .errors import InputError
 from .normalize import normalization_stats
 from .progress import ProgressTracker
-from .stitch import SlabLabeler
+from .labels import SlabLabeler
 from .tiling import SlabGrid, TilingConfig, sliding_window_slabs
 
 __all__ = [

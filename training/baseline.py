@@ -1,7 +1,7 @@
 """The classical baseline every accuracy row is compared with: smoothing + distance-transform watershed.
 
 No network: the membrane image itself, smoothed with a gaussian and scaled by its percentiles to 0..1, is
-the boundary map; the engine's own labelling (:func:`engine.postprocess.label_cells`: threshold, distance-
+the boundary map; the engine's own labelling (:func:`engine.labels.label_cells`: threshold, distance-
 transform seeds ``min_dist`` apart, watershed on the boundary map) turns it into cells, and a heavily
 smoothed foreground mask removes the dark background around the tissue. Its parameters are tuned on
 validation volumes only (:func:`tune_baseline`), never on the volumes it is scored on. Like a user without
@@ -20,7 +20,7 @@ from scipy import ndimage as ndi
 
 from engine.bundle import OutputSpec, PostprocessSpec
 from engine.metrics import match_instances
-from engine.postprocess import label_cells
+from engine.labels import label_cells
 
 __all__ = ["BaselineParams", "GRID", "classical_segment", "tune_baseline"]
 

@@ -39,7 +39,7 @@ from engine.backends.torch_backend import cpu_has_native_bf16
 from engine.bundle import Bundle, load_bundle, write_bundle_json
 from engine.metrics import foreground_dice, match_instances
 from engine.pipeline import SegmentOptions, segment
-from engine.postprocess import interior_probability
+from engine.labels import interior_probability
 from engine.synthetic import make_membrane_volume
 
 from .data import EVAL_SCALE_SEEDS, EVAL_SEEDS

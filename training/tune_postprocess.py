@@ -8,7 +8,7 @@ The validation volumes (seeds 500-502, 48x160x160, voxel_scale 1, 0.75 and 1.5, 
 volume per stress row, seeds 950+) are used by no training step and by no evaluation (``training/data.py``,
 ``training/stress.py``). The network runs once per volume, as ``engine.segment``
 runs it by default; then every ``threshold`` x ``min_dist`` of the grid is scored with
-``engine.postprocess.label_cells`` (criterion: mean of F1@0.5 and mean matched IoU, averaged over the
+``engine.labels.label_cells`` (criterion: mean of F1@0.5 and mean matched IoU, averaged over the
 volumes), then ``label_threshd`` at the best pair, then the agglomeration (``MERGES``), then the bundle's
 cell-diameter range (``DIAMETER_RANGES``, which changes the scale the engine picks, so the volumes are run
 again). The patch shape is the fastest of a few candidates
@@ -33,7 +33,7 @@ from engine.bundle import Bundle, PostprocessSpec, load_bundle, write_bundle_jso
 from engine.metrics import match_instances
 from engine.pipeline import SegmentOptions, segment
 from engine.scale import ScalePlan
-from engine.stitch import MemoryLabelStore, SlabLabeler
+from engine.labels import MemoryLabelStore, SlabLabeler
 from engine.synthetic import make_membrane_volume
 
 from .data import VALIDATION_SEEDS

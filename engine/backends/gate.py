@@ -24,9 +24,9 @@ from numpy.typing import NDArray
 from .. import io
 from ..bundle import Bundle
 from ..errors import BundleError
+from ..labels import interior_probability
 from ..metrics import foreground_dice
 from ..normalize import normalize
-from ..postprocess import interior_probability
 from ..tiling import TilingConfig, fit_patch_shape, sliding_window
 
 __all__ = ["GATE_MIN_DICE", "GateResult", "Sample", "compare", "load_sample", "probabilities", "torch_probabilities"]

@@ -4,34 +4,41 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.agglomerate import EdgeTable, agglomerate
+from engine.labels import EdgeTable, agglomerate
 from engine.bundle import OutputSpec, PostprocessSpec
-from engine.stitch import MemoryLabelStore, SlabLabeler
+from engine.labels import MemoryLabelStore, SlabLabeler
 
 
 def _table(edges: dict[tuple[int, int], tuple[float, int]]) -> EdgeTable:
     table = EdgeTable()
-    for (u, v), (mean, count) in edges.items():
-        table.sums[(u, v)], table.counts[(u, v)] = mean * count, count
+    pairs = np.array(list(edges), dtype=np.int64)
+    mean, count = (np.array(column) for column in zip(*edges.values()))
+    table.add_faces(pairs[:, 0], pairs[:, 1], mean * count, count.astype(np.int64))
     return table
+
+
+def _sizes(by_id: dict[int, int]) -> np.ndarray:
+    sizes = np.zeros(max(by_id) + 1, dtype=np.int64)
+    sizes[list(by_id)] = list(by_id.values())
+    return sizes
 
 
 def test_weakest_boundary_merges_first_and_faces_are_pooled() -> None:
     # 1-2 weak (0.1), 2-3 strong (0.9), 1-3 weakish (0.45 over 10 faces): after 1+2 merge, the pooled
     # boundary to 3 is (0.9*30 + 0.45*10)/40 = 0.7875, above the threshold: 3 stays apart.
     table = _table({(1, 2): (0.1, 20), (2, 3): (0.9, 30), (1, 3): (0.45, 10)})
-    merges = agglomerate(table, {1: 100, 2: 50, 3: 100}, threshold=0.5, min_size=0)
+    merges = agglomerate(table, _sizes({1: 100, 2: 50, 3: 100}), threshold=0.5, min_size=0)
     assert merges == [(1, 2)]
 
 
 def test_slivers_join_their_weakest_neighbour_whatever_the_boundary() -> None:
     table = _table({(1, 2): (0.9, 20), (2, 3): (0.95, 5), (3, 4): (0.99, 40)})
-    merges = agglomerate(table, {1: 500, 2: 8, 3: 400, 4: 600}, threshold=0.5, min_size=20)
+    merges = agglomerate(table, _sizes({1: 500, 2: 8, 3: 400, 4: 600}), threshold=0.5, min_size=20)
     assert merges == [(1, 2)]
 
 
 def test_no_merge_above_the_threshold() -> None:
-    assert agglomerate(_table({(1, 2): (0.6, 5)}), {1: 10, 2: 10}, threshold=0.5, min_size=0) == []
+    assert agglomerate(_table({(1, 2): (0.6, 5)}), _sizes({1: 10, 2: 10}), threshold=0.5, min_size=0) == []
 
 
 def _two_cells_split_by_a_false_seed() -> np.ndarray:

@@ -14,7 +14,7 @@ from engine.backends.torch_backend import cpu_has_native_bf16
 from engine.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from engine.metrics import foreground_dice, match_instances
 from engine.pipeline import SegmentOptions, segment
-from engine.postprocess import interior_probability
+from engine.labels import interior_probability
 from engine.synthetic import make_membrane_volume
 
 SEED = 4242

@@ -28,7 +28,7 @@ from engine.backends.ort_backend import OrtCPUBackend, OrtGPUBackend
 from engine.bundle import Bundle, load_bundle, write_bundle_json
 from engine.errors import BackendUnavailableError, BundleError
 from engine.pipeline import SegmentOptions, segment
-from engine.postprocess import interior_probability
+from engine.labels import interior_probability
 from export.bundle_export import ExportOptions, export_bundle
 
 ENGINE_DIR = Path(__file__).resolve().parents[2] / "engine"
@@ -92,10 +92,8 @@ def test_missing_onnx_names_the_file_and_the_fix(tmp_path: Path) -> None:
 
 
 def test_auto_reports_why_ort_cpu_was_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine.backends import _REGISTRY
-
     bundle = make_tiny_bundle("UNet3D", tmp_path / "plain")
-    monkeypatch.setattr("engine.backends.BACKEND_ORDER", tuple(n for n in _REGISTRY if n != "torch-cpu"))
+    monkeypatch.setattr("engine.backends.BACKEND_ORDER", tuple(n for n in BACKEND_ORDER if n != "torch-cpu"))
     with pytest.raises(BackendUnavailableError, match=r"ort-cpu: .*model\.onnx: missing"):
         select_backend("auto", bundle)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.bundle import OutputSpec, PostprocessSpec
-from engine.postprocess import label_cells
+from engine.labels import label_cells
 
 FG = OutputSpec(kind="foreground", channel=0, names=("fg",))
 

@@ -12,7 +12,7 @@ from engine.errors import InputError
 from engine.metrics import match_instances
 from engine.normalize import normalization_stats
 from engine.pipeline import SegmentOptions, segment
-from engine.postprocess import clear_background, label_cells
+from engine.labels import clear_background, label_cells
 from engine.scale import ScaledRun, chord_diameters, plan_for_source, plan_scale, resample
 from engine.streaming import ArraySource
 from engine.synthetic import make_membrane_volume

@@ -7,8 +7,8 @@ import pytest
 from slab_helpers import differing_fraction, membrane_probs, nuclei_probs, same_up_to_permutation
 
 from engine.bundle import OutputSpec, PostprocessSpec
-from engine.postprocess import label_cells
-from engine.stitch import FileLabelStore, MemoryLabelStore, SlabLabeler, UnionFind
+from engine.labels import label_cells
+from engine.labels import FileLabelStore, MemoryLabelStore, SlabLabeler, UnionFind
 
 BOUNDARY = OutputSpec(kind="boundary", channel=0, names=("boundary", "interior"))
 FOREGROUND = OutputSpec(kind="foreground", channel=0, names=("foreground",))
@@ -93,7 +93,7 @@ def test_one_slab_is_exactly_label_cells(membrane: np.ndarray) -> None:
 @pytest.mark.parametrize("depth, halo", [(16, 16), (8, 16), (12, 20), (30, 16)])
 def test_watershed_with_a_cell_sized_halo_equals_whole_volume(membrane: np.ndarray, depth: int, halo: int) -> None:
     """Cells of ~14 voxels: a halo of 16+ planes reproduces the whole-volume watershed exactly, cells
-    crossing borders included (measured, not guaranteed in general: see engine.stitch)."""
+    crossing borders included (measured, not guaranteed in general: see engine.labels.slabs)."""
     spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=3, label_threshd=5)
     whole = label_cells(membrane, output=BOUNDARY, spec=spec, threads=1)
     got, labeler, final = slabbed(membrane, output=BOUNDARY, spec=spec, depth=depth, halo=halo)

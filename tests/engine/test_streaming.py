@@ -119,7 +119,7 @@ def test_streamed_file_equals_whole_volume_components(tmp_path, bundles, stacks,
 @pytest.mark.parametrize("kind, depth, halo", [("nuclei", 10, 16), ("nuclei", 17, 12), ("membrane", 12, 20)])
 def test_streamed_file_watershed_is_within_the_tie_bound(tmp_path, bundles, stacks, kind, depth, halo) -> None:
     """The watershed breaks ties (many, on a uint16 image) by its queue order over the window: same cells,
-    <= 0.1% of the voxels may go to the other neighbour (see engine.stitch)."""
+    <= 0.1% of the voxels may go to the other neighbour (see engine.labels.slabs)."""
     bundle, (stack, image) = bundles[kind], stacks[kind]
     opts = SegmentOptions(batch_size=1, min_dist=3, threshold=0.5, label_threshd=5)
     whole = segment(image, bundle=bundle, options=opts, voxel_size_um=(1.5, 0.5, 0.5), backend=ImageBackend(bundle))
@@ -327,7 +327,7 @@ def test_cli_streams_with_slab_flags(tmp_path, bundles, stacks, capsys) -> None:
     assert "slabs=4x16+halo8" in capsys.readouterr().out
     assert tifffile.imread(out).shape == (52, 48, 56)
     assert main([*argv[:-1], "--slab-depth", "0"]) == 2
-    assert "slab depth must be >= 1" in capsys.readouterr().err
+    assert "--slab-depth: expected an integer >= 1" in capsys.readouterr().err
 
 
 def test_prefetched_keeps_order_and_raises_the_producers_error() -> None:

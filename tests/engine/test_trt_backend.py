@@ -234,8 +234,8 @@ def test_tensorrt_backend_matches_torch_and_splits_batches(trt_bundle: Bundle) -
 @pytest.mark.tensorrt
 @needs_trt
 def test_segment_with_tensorrt_matches_torch_cpu(trt_bundle: Bundle) -> None:
+    from engine.labels import interior_probability
     from engine.pipeline import SegmentOptions, segment
-    from engine.postprocess import interior_probability
     from engine.synthetic import make_membrane_volume
 
     volume = make_membrane_volume((24, 48, 48), seed=5).image

@@ -9,7 +9,7 @@ Exactness, method by method:
 
 - ``components``: exact. Each core is labelled on its own; ids of touching voxels on the two sides of a
   border are joined (the same face connectivity as ``scipy.ndimage.label``). The result equals
-  :func:`engine.postprocess.label_cells` on the whole volume up to a permutation of ids, for any depth.
+  :func:`label_cells` (the one-core case) on the whole volume up to a permutation of ids, for any depth.
 - ``watershed``: seeds and flooding are not local (a distance-transform maximum depends on the nearest
   background, a flood on the whole basin), so each core is processed inside a window of ``halo`` extra
   planes on both sides. Seeds found in a core are registered with global ids; the next window reuses
@@ -30,35 +30,25 @@ Exactness, method by method:
 
 from __future__ import annotations
 
-import inspect
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import cc3d
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage
 
-from .bundle import OutputSpec, PostprocessSpec
-from .agglomerate import EdgeTable, agglomerate
-from .postprocess import clear_background
+from ..bundle import OutputSpec, PostprocessSpec
+from .distance import available_cores, clear_background, distance_transform
+from .flood import flood
+from .graph import EdgeTable, agglomerate
+from .seeds import find_seeds, interior_of
 
-__all__ = ["SlabLabeler", "FinalLabels", "MemoryLabelStore", "FileLabelStore", "UnionFind"]
+__all__ = ["FileLabelStore", "FinalLabels", "MemoryLabelStore", "SlabLabeler", "UnionFind", "label_cells"]
 
 _MAX_ID = 2**32 - 1
-
-
-def _flood(image: np.ndarray, markers: NDArray[np.int32], components: NDArray[np.int32], *, confined: bool, threads: int) -> np.ndarray:
-    """``engine.postprocess._flood``, passing ``threads`` only to the versions that take it."""
-    from . import postprocess
-
-    kwargs: dict[str, Any] = {"confined": confined}
-    if "threads" in inspect.signature(postprocess._flood).parameters:
-        kwargs["threads"] = threads
-    return postprocess._flood(image, markers, components, **kwargs)
 
 
 class UnionFind:
@@ -272,12 +262,11 @@ class SlabLabeler:
         self.store.write(c0, core)
 
     def _mask(self, image: NDArray[np.float32]) -> NDArray[np.bool_]:
-        # as engine.postprocess.interior_probability, on the one channel kept
-        interior = (1.0 - image) if self.output.kind == "boundary" else image
-        return interior > self.spec.threshold
+        return interior_of(image, self.output.kind) > self.spec.threshold
 
     def _components(self, c0: int, c1: int) -> NDArray[np.uint32]:
-        labels, n = ndimage.label(self._mask(self._planes(c0, c1)))
+        labels = cc3d.connected_components(self._mask(self._planes(c0, c1)), connectivity=6)
+        n = int(labels.max())
         lut = np.concatenate([[0], self.ids.add(n)]).astype(np.uint32)  # ids < 2**32 (UnionFind checks)
         core = lut[labels]
         del labels
@@ -289,32 +278,28 @@ class SlabLabeler:
         return core
 
     def _watershed(self, c0: int, c1: int) -> NDArray[np.uint32]:
-        # The steps of engine.postprocess.label_cells (its private helpers, so a one-core run is exactly
-        # label_cells), with the seeds below the core replaced by the registered ones.
-        from .postprocess import _available_cores, _peaks, _slab_distance
-
-        threads = self.threads or _available_cores()
+        # The seeds below the core are the ones registered by earlier cores (one core: label_cells exactly).
+        threads = self.threads or available_cores()
         w0, w1 = max(0, c0 - self.halo), min(self.shape[0], c1 + self.halo)
         image = self._planes(w0, w1)
         mask = self._mask(image)
-        distance = _slab_distance(mask, self.sampling, threads)
-        components, _ = ndimage.label(mask)
-        peaks = _peaks(distance, components, max(1, int(self.spec.min_dist)), self.sampling)
+        distance = distance_transform(mask, sampling=self.sampling, threads=threads)
+        components = cc3d.connected_components(mask, connectivity=6).astype(np.int32, copy=False)
+        peaks = find_seeds(distance, components, min_dist=max(1, int(self.spec.min_dist)), sampling=self.sampling)
         seeds = np.zeros(mask.shape, dtype=bool)
         seeds[tuple(peaks.T)] = True
         seeds[: c0 - w0] = False  # below the core, the seeds registered by earlier cores stand
         registry = self._registry[:, self._registry[0] >= w0]
         seeds[registry[0] - w0, registry[1], registry[2]] = True
-        markers, n = ndimage.label(seeds)
-        markers = markers.astype(np.int32, copy=False)
+        markers = cc3d.connected_components(seeds, connectivity=6).astype(np.int32, copy=False)
+        n = int(markers.max())
         lut = self._marker_ids(markers, n, registry, w0)
         self._link_pending(markers, lut, w0)
-        components = components.astype(np.int32, copy=False)
         if self.output.kind == "boundary":
-            flooded = _flood(image, markers, components, confined=False, threads=threads)
+            flooded = flood(image, markers, components, confined=False)
             clear_background(flooded, mask, sampling=self.sampling, threads=threads)
         else:
-            flooded = _flood(-distance, markers, components, confined=True, threads=threads)
+            flooded = flood(-distance, markers, components, confined=True)
         del distance, components
         core = lut.astype(np.uint32)[flooded[c0 - w0 : c1 - w0]]
         if self.edges is not None:
@@ -342,8 +327,7 @@ class SlabLabeler:
         roots = self.ids.roots()
         sizes = np.bincount(roots, weights=self.sizes[: len(roots)].astype(np.float64), minlength=len(roots))
         graph = edges.remapped(lambda ids: roots[ids])
-        nodes = {n for pair in graph.sums for n in pair}
-        merges = agglomerate(graph, {n: int(sizes[n]) for n in nodes}, threshold=threshold, min_size=self.spec.merge_min_size)
+        merges = agglomerate(graph, sizes, threshold=threshold, min_size=self.spec.merge_min_size)
         self.merged_regions = len(merges)
         if merges:
             pairs = np.array(merges, dtype=np.int64)
@@ -386,3 +370,35 @@ class SlabLabeler:
         keep[0] = False
         final_of_root = (np.cumsum(keep) * keep).astype(np.uint32)
         return FinalLabels(lut=final_of_root[roots], n_cells=int(keep.sum()))
+
+
+def label_cells(
+    probs: NDArray[np.float32],
+    /,
+    *,
+    output: OutputSpec,
+    spec: PostprocessSpec,
+    sampling: Sequence[float] | None = None,
+    threads: int | None = None,
+) -> NDArray[np.uint32]:
+    """Label cells in a whole probability map: the one-core case of :class:`SlabLabeler`.
+
+    Args:
+        probs: ``(K, Z, Y, X)`` float32 network output on the host.
+        output: what the channels mean.
+        spec: method, threshold, min_dist, label_threshd, merging.
+        sampling: voxel size ``(z, y, x)`` in the units of ``spec.min_dist`` (the model's voxels, see
+            :mod:`engine.scale`); isotropic voxels when None.
+        threads: threads for the distance transform (None: every core this process may use).
+
+    Returns:
+        ``(Z, Y, X)`` uint32 labels, 0 = background, cells 1..n.
+    """
+    shape = (int(probs.shape[1]), int(probs.shape[2]), int(probs.shape[3]))
+    store = MemoryLabelStore(shape)
+    labeler = SlabLabeler(shape, output=output, spec=spec, sampling=sampling, depth=shape[0], halo=0, store=store, threads=threads)
+    labeler.push(0, probs)
+    final = labeler.finish()
+    for _ in store.relabel(final.lut, chunk=shape[0]):
+        pass
+    return store.result()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,31 +31,46 @@ def _faces(a: NDArray[np.integer], b: NDArray[np.integer], pa: NDArray[np.floati
     return np.minimum(u, v), np.maximum(u, v), value
 
 
-@dataclass
 class EdgeTable:
-    """Sum and count of face boundary values per region pair ``(u < v)``, merged over the pieces added."""
+    """Sum and count of the face boundary values per region pair ``(u < v)``, as flat arrays.
 
-    sums: dict[tuple[int, int], float] = field(default_factory=dict)
-    counts: dict[tuple[int, int], int] = field(default_factory=dict)
+    Faces are added a piece at a time and reduced to one row per pair, so the table grows with the number
+    of touching pairs (about 7 per cell), never with the voxels; 24 bytes per pair.
+    """
 
-    def add_faces(self, u: NDArray[np.int64], v: NDArray[np.int64], value: NDArray[np.float64]) -> None:
+    def __init__(self) -> None:
+        self.u = np.zeros(0, dtype=np.int64)
+        self.v = np.zeros(0, dtype=np.int64)
+        self.sums = np.zeros(0, dtype=np.float64)
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.u)
+
+    def add_faces(self, u: NDArray[np.int64], v: NDArray[np.int64], value: NDArray[np.float64], counts: NDArray[np.int64] | None = None) -> None:
+        """Pool faces ``(u[i] < v[i], value[i])`` (``counts[i]`` faces each when given) into the table."""
         if not len(u):
             return
-        key = u * (int(max(u.max(), v.max())) + 1) + v
-        uniq, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-        sums = np.bincount(inverse, weights=value, minlength=len(uniq))
-        counts = np.bincount(inverse, minlength=len(uniq))
-        for a, b, s, c in zip(u[first].tolist(), v[first].tolist(), sums.tolist(), counts.tolist()):
-            self.sums[(a, b)] = self.sums.get((a, b), 0.0) + s
-            self.counts[(a, b)] = self.counts.get((a, b), 0) + c
+        u = np.concatenate([self.u, u])
+        v = np.concatenate([self.v, v])
+        weights = np.concatenate([self.sums, value])
+        n = np.concatenate([self.counts, np.ones(len(value), np.int64) if counts is None else counts])
+        key = (u.astype(np.uint64) << np.uint64(32)) | v.astype(np.uint64)  # ids < 2**32 (UnionFind checks)
+        uniq, inverse = np.unique(key, return_inverse=True)
+        self.u = (uniq >> np.uint64(32)).astype(np.int64)
+        self.v = (uniq & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        self.sums = np.bincount(inverse, weights=weights, minlength=len(uniq))
+        self.counts = np.bincount(inverse, weights=n, minlength=len(uniq)).astype(np.int64)
 
     def add_piece(self, labels: NDArray[np.integer], boundary: NDArray[np.floating], /) -> None:
         """Every face inside ``labels`` (``(Z, Y, X)`` ids, ``boundary`` the same shape)."""
+        parts = []
         for axis in range(labels.ndim):
             lo = [slice(None)] * labels.ndim
             hi = [slice(None)] * labels.ndim
             lo[axis], hi[axis] = slice(0, -1), slice(1, None)
-            self.add_faces(*_faces(labels[tuple(lo)], labels[tuple(hi)], boundary[tuple(lo)], boundary[tuple(hi)]))
+            parts.append(_faces(labels[tuple(lo)], labels[tuple(hi)], boundary[tuple(lo)], boundary[tuple(hi)]))
+        self.add_faces(*(np.concatenate(column) for column in zip(*parts)))
 
     def add_between(self, below: NDArray[np.integer], below_p: NDArray[np.floating], above: NDArray[np.integer],
                     above_p: NDArray[np.floating]) -> None:
@@ -66,35 +80,27 @@ class EdgeTable:
     def remapped(self, root: Callable[[NDArray[np.int64]], NDArray[np.int64]]) -> EdgeTable:
         """The table with every id replaced by ``root(id)`` (pairs that become one id are dropped)."""
         out = EdgeTable()
-        if not self.sums:
-            return out
-        pairs = np.array(list(self.sums), dtype=np.int64)
-        sums = np.array(list(self.sums.values()))
-        counts = np.array([self.counts[k] for k in self.sums], dtype=np.int64)
-        u, v = root(pairs[:, 0]), root(pairs[:, 1])
+        u, v = root(self.u), root(self.v)
         keep = u != v
-        lo, hi = np.minimum(u, v)[keep], np.maximum(u, v)[keep]
-        for a, b, s, c in zip(lo.tolist(), hi.tolist(), sums[keep].tolist(), counts[keep].tolist()):
-            out.sums[(a, b)] = out.sums.get((a, b), 0.0) + s
-            out.counts[(a, b)] = out.counts.get((a, b), 0) + c
+        out.add_faces(np.minimum(u, v)[keep], np.maximum(u, v)[keep], self.sums[keep], self.counts[keep])
         return out
 
 
-def agglomerate(edges: EdgeTable, sizes: dict[int, int], /, *, threshold: float, min_size: int) -> list[tuple[int, int]]:
+def agglomerate(edges: EdgeTable, sizes: NDArray[np.integer], /, *, threshold: float, min_size: int) -> list[tuple[int, int]]:
     """The merges ``(kept, absorbed)`` of average-linkage agglomeration (see the module docstring).
 
     Args:
         edges: the region adjacency graph.
-        sizes: voxels per region id (ids missing count as 0).
+        sizes: voxels per region id (indexed by id).
         threshold: merge while the weakest mean boundary between two regions is below this.
         min_size: afterwards, regions under this many voxels join their weakest-boundary neighbour.
     """
     adjacency: dict[int, dict[int, list[float]]] = {}
-    for (u, v), s in edges.sums.items():
-        shared = [s, float(edges.counts[(u, v)])]  # one list for both directions: pooling updates both
+    for u, v, s, c in zip(edges.u.tolist(), edges.v.tolist(), edges.sums.tolist(), edges.counts.tolist()):
+        shared = [s, float(c)]  # one list for both directions: pooling updates both
         adjacency.setdefault(u, {})[v] = shared
         adjacency.setdefault(v, {})[u] = shared
-    size = {n: sizes.get(n, 0) for n in adjacency}
+    size = {n: int(sizes[n]) if n < len(sizes) else 0 for n in adjacency}
     heap = [(s / c, u, v) for u, nbrs in adjacency.items() for v, (s, c) in nbrs.items() if u < v]
     heapq.heapify(heap)
     merges: list[tuple[int, int]] = []

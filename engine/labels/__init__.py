@@ -1,0 +1,35 @@
+"""Probabilities -> labelled cells, whole or slab by slab: one labelling component.
+
+The steps, one module each: :mod:`.distance` (distance transform of the thresholded interior, background
+clearing), :mod:`.seeds` (distance maxima at least ``min_dist`` apart within a cell), :mod:`.flood` (the
+seeded watershed), :mod:`.graph` (region adjacency graph and average-linkage agglomeration), and
+:mod:`.slabs` (the slab labeller that runs them core by core and stitches ids across slab borders;
+:func:`label_cells` is its one-core case, as ``sliding_window`` is the one-group case of the slab
+inference). Field libraries do the heavy array work where they measured faster: seung-lab's ``edt``
+(anisotropic distance transforms), ``cc3d`` (connected components).
+"""
+
+from __future__ import annotations
+
+from .distance import clear_background, distance_transform
+from .flood import flood
+from .graph import EdgeTable, agglomerate
+from .seeds import find_seeds, interior_of, interior_probability
+from .slabs import FileLabelStore, FinalLabels, MemoryLabelStore, SlabLabeler, UnionFind, label_cells
+
+__all__ = [
+    "EdgeTable",
+    "FileLabelStore",
+    "FinalLabels",
+    "MemoryLabelStore",
+    "SlabLabeler",
+    "UnionFind",
+    "agglomerate",
+    "clear_background",
+    "distance_transform",
+    "find_seeds",
+    "flood",
+    "interior_of",
+    "interior_probability",
+    "label_cells",
+]

@@ -1,0 +1,123 @@
+"""Seeded watershed of the boundary probability (boundary models) or of the negated distance (foreground
+models), done in the cheap order the structure allows.
+
+Profiled on a 64x256x256 membrane stack (benchmarks/PERFORMANCE.md), the priority-queue flood dominated,
+so most voxels never enter one:
+
+- An interior component that holds exactly one seed is flooded entirely by that seed (inside it every
+  voxel is reached before any membrane voxel is taken), so it is labelled directly; components with
+  several seeds are split by a flood confined to them, which is what the full flood does there. For
+  foreground models, whose flood stays in the mask, this is the whole job.
+- Membrane voxels (boundary models) take the label their steepest-descent path in the boundary probability
+  runs into (pointer jumping). The flood gives a voxel the cell with the lowest pass to it, and a
+  descending path is such a pass, so the two agree except where two cells tie (ridges, plateaus); voxels
+  whose path ends on a plateau or in a pit are flooded as before. Measured agreement with the plain
+  flood: 99.997% of voxels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+from skimage.segmentation import watershed
+
+__all__ = ["flood"]
+
+TIE_BREAK = 1e-9  # rim order among equal boundary probabilities (float32 steps at membrane levels are >= 3e-8)
+
+
+def _resolve_components(
+    image: np.ndarray, markers: NDArray[np.int32], components: NDArray[np.int32]
+) -> NDArray[np.int32]:
+    """Label every interior component that holds a seed, exactly as the full flood would.
+
+    A component with one seed is that seed's; a component with several is split by flooding ``image`` from
+    its seeds inside the component only (its voxels are all labelled before the flood leaves it, so nothing
+    outside changes the split). Components without a seed, and everything outside the components, stay 0.
+    """
+    at = markers > 0
+    comp_of_seed = np.zeros(int(markers.max()) + 1, dtype=np.int64)
+    comp_of_seed[markers[at]] = components[at]
+    n_comp = int(components.max())
+    per_comp = np.bincount(comp_of_seed[1:], minlength=n_comp + 1)
+    region_of_comp = np.zeros(n_comp + 1, dtype=np.int32)
+    single = per_comp[comp_of_seed[1:]] == 1
+    region_of_comp[comp_of_seed[1:][single]] = np.arange(1, len(comp_of_seed), dtype=np.int32)[single]
+    resolved = region_of_comp[components]
+    shared = per_comp > 1
+    shared[0] = False
+    if shared.any():
+        inside = shared[components]
+        box = ndimage.find_objects(inside.astype(np.uint8))[0]
+        split = watershed(image[box], np.where(inside[box], markers[box], 0), mask=inside[box])
+        resolved[box] = np.where(inside[box], split, resolved[box])
+    return resolved
+
+
+def _descend(image: np.ndarray, labels: NDArray[np.int32]) -> tuple[NDArray[np.int32], np.ndarray]:
+    """Give each unlabelled voxel the label its steepest-descent path in ``image`` runs into.
+
+    Each unlabelled voxel points to its lowest 6-neighbour if that one is strictly lower (the first such in
+    z, y, x order on ties); pointer jumping follows the paths to their ends. A path that ends on a labelled
+    voxel gives its label; one that ends on a plateau or a pit leaves 0.
+
+    Returns:
+        The labels, and ``image`` with each unlabelled voxel's value replaced by its lowest neighbour's
+        (the level at which the flood would have reached it).
+    """
+    big = np.array(np.inf, dtype=image.dtype) if image.dtype.kind == "f" else np.iinfo(image.dtype).max
+    padded = np.pad(image, 1, constant_values=big).ravel()
+    owner = np.pad(labels, 1, constant_values=-1).ravel()
+    shape = tuple(s + 2 for s in image.shape)
+    index: type[np.signedinteger] = np.int32 if padded.size < 2**31 else np.int64
+    open_idx: NDArray[np.signedinteger] = np.flatnonzero(owner == 0).astype(index, copy=False)
+    best = padded[open_idx]
+    parent = open_idx.copy()
+    for stride in (shape[1] * shape[2], shape[2], 1):
+        for step in (-stride, stride):
+            neighbour = open_idx + step
+            value = padded[neighbour]
+            lower = value < best
+            best[lower] = value[lower]
+            parent[lower] = neighbour[lower]
+    pointer = np.arange(padded.size, dtype=index)
+    pointer[open_idx] = parent
+    moving = open_idx[parent != open_idx]
+    while moving.size:
+        target = pointer[moving]
+        jumped = pointer[target]
+        pointer[moving] = jumped
+        moving = moving[jumped != target]
+    owner[open_idx] = owner[pointer[open_idx]]
+    padded[open_idx] = best
+    inner = (slice(1, -1),) * 3
+    return owner.reshape(shape)[inner].astype(np.int32, copy=False), padded.reshape(shape)[inner]
+
+
+def flood(image: np.ndarray, markers: NDArray[np.int32], components: NDArray[np.int32], /, *, confined: bool) -> NDArray[np.int32]:
+    """Seeded watershed of ``image`` (lowest first) from ``markers``.
+
+    Args:
+        image: what to flood.
+        markers: seeds 1..k, inside ``components``.
+        components: the interior's connected components.
+        confined: the flood stays inside the components (foreground models); else it fills the volume.
+    """
+    resolved = _resolve_components(image, markers, components)
+    if confined or not (resolved == 0).any():
+        return resolved
+    descended, reached = _descend(image, resolved)
+    rest = descended == 0
+    if not rest.any():
+        return descended
+    # The rest (plateaus, pits) is flooded from its labelled rim. A rim voxel goes before unlabelled voxels
+    # of its own value, and among rim voxels of equal value, those the full flood reached earlier (from a
+    # lower neighbour) go first, as they were queued first there: a tie-break of 1-2e-9, far below the
+    # gap between distinct float32 probabilities at membrane levels.
+    rim = ndimage.binary_dilation(rest) & ~rest
+    priority = image.astype(np.float64)
+    late = rim & (resolved == 0)
+    priority[late] -= TIE_BREAK * (2.0 - reached[late])
+    flooded = watershed(priority, np.where(rim, descended, 0), mask=rest | rim)
+    return np.where(rest, flooded, descended).astype(np.int32, copy=False)

@@ -1,0 +1,101 @@
+"""Watershed seeds: maxima of the interior's distance transform, at least ``min_dist`` apart within a cell.
+
+A maximum is a voxel whose distance is the largest among the voxels it reaches inside the interior by up
+to ``r`` steps along x, then y, then z (``r`` = ``min_dist`` in each axis's units): the max filter is
+taken one face step at a time and masked after each step, so it never looks across a membrane into a
+neighbouring cell (a bigger neighbour would otherwise suppress a small cell's seed), and it is a handful
+of whole-array numpy operations instead of one filter per object. Maxima of the same interior component
+closer than ``min_dist`` are thinned greedily, strongest first, with a k-d tree; touching maxima (a
+plateau) count as one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cc3d
+import numpy as np
+from numpy.typing import NDArray
+from scipy.spatial import cKDTree
+
+from ..bundle import OutputSpec
+
+__all__ = ["find_seeds", "interior_of", "interior_probability", "seed_radius"]
+
+
+def interior_probability(probs: NDArray[np.float32], output: OutputSpec, /) -> NDArray[np.float32]:
+    """The cell-interior probability ``(Z, Y, X)`` from the network's ``(K, Z, Y, X)`` output."""
+    return interior_of(probs[output.channel], output.kind)
+
+
+def interior_of(channel: NDArray[np.float32], kind: str, /) -> NDArray[np.float32]:
+    """The cell-interior probability from the one output channel that matters, of ``kind`` boundary or foreground."""
+    return (1.0 - channel) if kind == "boundary" else channel
+
+
+def seed_radius(min_dist: int, sampling: Sequence[float] | None, /) -> tuple[int, int, int]:
+    """Voxels per axis that make ``min_dist`` in ``sampling`` units (voxels when None), at least 1."""
+    scale = sampling or (1.0, 1.0, 1.0)
+    r = [max(1, round(min_dist / float(s))) for s in scale]
+    return (r[0], r[1], r[2])
+
+
+def _path_maximum(distance: NDArray[np.float32], mask: NDArray[np.bool_], radius: tuple[int, int, int]) -> NDArray[np.float32]:
+    """The largest ``distance`` each mask voxel reaches by axis steps inside ``mask`` (see the module doc)."""
+    outside = ~mask
+    m = np.where(mask, distance, np.float32(-1.0))
+    g = np.empty_like(m)
+    for axis in (2, 1, 0):
+        n = m.shape[axis]
+        if n < 2:
+            continue
+        cut = [slice(None)] * 3
+        view = lambda a, b: (cut[:axis] + [slice(a, b)] + cut[axis + 1 :])  # noqa: E731
+        pair, first, last = tuple(view(0, n - 1)), tuple(view(0, 1)), tuple(view(n - 1, n))
+        inner, left, right = tuple(view(1, n - 1)), tuple(view(0, n - 2)), tuple(view(1, n - 1))
+        for _ in range(min(radius[axis], n - 1)):
+            t = np.maximum(m[pair], m[tuple(view(1, n))])  # t[i] = max(m[i], m[i + 1])
+            g[first], g[last] = t[first], t[tuple(view(n - 2, n - 1))]
+            np.maximum(t[left], t[right], out=g[inner])  # g[i] = max(m[i - 1], m[i], m[i + 1])
+            np.copyto(g, np.float32(-1.0), where=outside)
+            m, g = g, m
+    return m
+
+
+def _thin(points: NDArray[np.intp], component: NDArray[np.integer], spacing: float, scale: NDArray[np.float64]) -> NDArray[np.bool_]:
+    """Keep mask for ``points`` (strongest first): a point goes when a kept, stronger point of its component
+    lies closer than ``spacing`` (Chebyshev, ``scale`` units per voxel)."""
+    keep = np.ones(len(points), dtype=bool)
+    if len(points) < 2:
+        return keep
+    pairs = cKDTree(points * scale).query_pairs(r=spacing - 1e-6, p=np.inf, output_type="ndarray")
+    pairs = pairs[component[pairs[:, 0]] == component[pairs[:, 1]]]
+    if not len(pairs):
+        return keep
+    pairs.sort(axis=1)
+    pairs = pairs[np.argsort(pairs[:, 0], kind="stable")]
+    first = np.searchsorted(pairs[:, 0], np.arange(len(points) + 1))
+    for i in np.unique(pairs[:, 0]).tolist():  # one step per point that has a close weaker partner
+        if keep[i]:
+            keep[pairs[first[i] : first[i + 1], 1]] = False
+    return keep
+
+
+def find_seeds(
+    distance: NDArray[np.float32], components: NDArray[np.integer], /, *, min_dist: int, sampling: Sequence[float] | None
+) -> NDArray[np.intp]:
+    """Seed voxels ``(n, 3)``: the distance maxima of each interior component, thinned to ``min_dist`` (in
+    ``sampling`` units; voxels when None). Touching maximum voxels (a plateau) are one seed and are kept or
+    dropped together, so a component of equal distances gets exactly one."""
+    mask = components > 0
+    if not mask.any():
+        return np.empty((0, 3), dtype=np.intp)
+    peak = mask & (distance >= _path_maximum(distance, mask, seed_radius(min_dist, sampling)))
+    points = np.argwhere(peak)
+    piece = cc3d.connected_components(peak, connectivity=26)[peak]
+    ids, first = np.unique(piece, return_index=True)
+    order = np.lexsort((first, -distance[peak][first]))  # pieces strongest first, ties in scan order
+    heads = points[first[order]]
+    scale = np.asarray(sampling or (1.0, 1.0, 1.0), dtype=np.float64)
+    keep = _thin(heads, components[tuple(heads.T)], float(min_dist), scale) if min_dist > 1 else np.ones(len(heads), bool)
+    return points[np.isin(piece, ids[order][keep])]

@@ -1,0 +1,122 @@
+"""The labelling steps give what the straightforward ones give.
+
+Seeds: every interior component gets one, seeds of one component are ``min_dist`` apart, a big neighbour
+cannot suppress a small cell's seed, and they cover skimage's ``peak_local_max(labels=...)``; the distance
+transform equals scipy's (bit for bit on the bounded path, to float32 through ``edt``); threads do not
+change the labels; the membrane assignment by steepest descent agrees with the plain seeded flood.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.feature import peak_local_max
+from skimage.segmentation import watershed
+
+from engine.bundle import OutputSpec, PostprocessSpec
+from engine.labels import distance_transform, find_seeds, flood, label_cells
+from engine.labels.distance import _bounded_distance
+from engine.labels.flood import _descend
+from engine.synthetic import make_membrane_volume
+
+BOUNDARY = OutputSpec(kind="boundary", channel=0, names=("b",))
+
+
+def _membrane_probs(shape: tuple[int, int, int] = (48, 64, 64), seed: int = 3) -> np.ndarray:
+    labels = make_membrane_volume(shape, seed=seed, mean_cell_diameter=12.0).labels
+    edges = np.zeros(shape, bool)
+    for axis in range(3):
+        diff = np.diff(labels.astype(np.int64), axis=axis) != 0
+        lo = [slice(None)] * 3
+        lo[axis] = slice(0, -1)
+        edges[tuple(lo)] |= diff
+    rng = np.random.default_rng(seed)
+    probs = ndimage.gaussian_filter(edges.astype(np.float32), 1.0) * 2.5 + rng.normal(0, 0.02, shape).astype(np.float32)
+    return np.clip(probs, 0, 1)[None].astype(np.float32)
+
+
+def _components(mask: np.ndarray) -> np.ndarray:
+    return ndimage.label(mask)[0].astype(np.int32)
+
+
+@pytest.mark.parametrize("min_dist", [1, 3, 6])
+def test_seeds_every_cell_spaced_within_a_cell(min_dist: int) -> None:
+    mask = _membrane_probs()[0] < 0.5
+    components = _components(mask)
+    seeds = find_seeds(distance_transform(mask, sampling=None, threads=1), components, min_dist=min_dist, sampling=None)
+    owner = components[tuple(seeds.T)]
+    assert set(owner.tolist()) == set(range(1, int(components.max()) + 1))  # every component has a seed
+    for c in np.unique(owner):
+        pts = seeds[owner == c]
+        if len(pts) > 1 and min_dist > 1:
+            gaps = np.abs(pts[:, None] - pts[None]).max(axis=2)
+            assert gaps[np.triu_indices(len(pts), 1)].min() >= min_dist
+    expected = peak_local_max(ndimage.distance_transform_edt(mask), min_distance=min_dist, labels=components, exclude_border=False)
+    found = set(map(tuple, seeds))
+    # the path-restricted maxima find at least as many cells' seeds as skimage's per-object search
+    assert len(found & set(map(tuple, expected))) >= 0.9 * len(expected)
+
+
+def test_a_big_neighbour_does_not_suppress_a_small_cells_seed() -> None:
+    mask = np.zeros((20, 40, 60), bool)
+    mask[2:18, 2:38, 2:40] = True  # a big cell (distance up to 8)
+    mask[8:12, 18:22, 42:46] = True  # a small one two voxels away (distance 2)
+    components = _components(mask)
+    seeds = find_seeds(distance_transform(mask, sampling=None, threads=1), components, min_dist=8, sampling=None)
+    assert sorted(set(components[tuple(seeds.T)].tolist())) == [1, 2]
+
+
+@pytest.mark.parametrize("bound", [2, 8])
+def test_distance_is_scipys(bound: int) -> None:
+    mask = _membrane_probs()[0] < 0.5
+    expected = ndimage.distance_transform_edt(mask).astype(np.float32)
+    got = _bounded_distance(mask, bound)
+    if expected.max() <= bound:
+        assert got is not None and np.array_equal(got, expected)
+    else:
+        assert got is None
+    assert np.array_equal(distance_transform(mask, sampling=(1.0, 1.0, 1.0), threads=2), expected)
+
+
+@pytest.mark.parametrize("sampling", [None, (2.0, 1.0, 1.0)])
+def test_distance_far_and_anisotropic_within_float32(sampling: tuple[float, float, float] | None) -> None:
+    deep = np.ones((80, 24, 24), bool)
+    deep[:, 12, 12] = False  # distances beyond the bounded shifts: seung-lab's edt
+    for mask in (_membrane_probs()[0] < 0.5, deep):
+        expected = ndimage.distance_transform_edt(mask, sampling=sampling)
+        assert np.allclose(distance_transform(mask, sampling=sampling, threads=2), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_threads_do_not_change_labels() -> None:
+    probs = _membrane_probs((72, 48, 48))
+    spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=3, label_threshd=5)
+    one = label_cells(probs, output=BOUNDARY, spec=spec, threads=1)
+    many = label_cells(probs, output=BOUNDARY, spec=spec, threads=3)
+    assert one.max() > 20 and np.array_equal(one, many)
+
+
+def test_matches_full_watershed_on_membranes() -> None:
+    probs = _membrane_probs()
+    mask = probs[0] < 0.5
+    components = _components(mask)
+    seeds = find_seeds(distance_transform(mask, sampling=None, threads=1), components, min_dist=3, sampling=None)
+    markers = np.zeros(mask.shape, np.int32)
+    markers[tuple(seeds.T)] = np.arange(1, len(seeds) + 1)
+    full = watershed(probs[0], markers)
+    fast = flood(probs[0], markers, components, confined=False)
+    # Equal but where cells tie; this map is a third exact 1.0 plateau (clipped), a network's is not (99.997%
+    # on the default model's 64x256x256 output, see benchmarks/PERFORMANCE.md).
+    assert (fast == full).mean() > 0.998
+
+
+def test_descent_follows_the_slope_and_leaves_plateaus() -> None:
+    image = np.array([[[0.0, 0.5, 0.9, 0.6, 0.0, 0.7, 0.7]]], dtype=np.float32)
+    labels = np.array([[[1, 0, 0, 0, 2, 0, 0]]], dtype=np.int32)
+    got, reached = _descend(image, labels)
+    assert np.allclose(reached, [[[0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.7]]])  # the level each voxel is reached at
+    # the ridge (0.9) goes down its steeper side (0.5, to cell 1); the last voxel sits on a plateau (left to the flood)
+    assert got.tolist() == [[[1, 1, 1, 2, 2, 2, 0]]]
+    probs = np.concatenate([image, image], axis=1)[None]  # (1, 1, 2, 7): the plateau is flooded from cell 2
+    spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=1, label_threshd=1)
+    assert label_cells(probs, output=BOUNDARY, spec=spec)[0].tolist() == [[1, 1, 1, 2, 2, 2, 2]] * 2
