@@ -2,7 +2,7 @@
 does not match its CUDA. onnxruntime-gpu lists its CUDA provider, then quietly creates a CPU session.
 
 The wheels live in the folders ``$CELLSEG3D_ORT_GPU_WHEEL`` names (``pip install --target``, one per version;
-``.ci/run`` makes 1.31.1, CUDA 13, and 1.24.4, CUDA 12.8, the Dockerfile's: they cannot share the venv with the
+``.ci/run`` makes 1.31.1, CUDA 13, and 1.26.0, CUDA 12.8, the Dockerfile's: they cannot share the venv with the
 CPU ``onnxruntime``); without them these tests skip with that reason. torch's CUDA check is
 forced true in a child Python, with the three calls a CPU build of torch cannot make (current device, stream,
 device context) answered there; everything ONNX Runtime does is real.
