@@ -22,11 +22,12 @@ setup(
         # numpy and torch at run time; resolving its requirements could swap the CPU torch wheel for a CUDA one).
         # pytorch-3dunet's predictor and the original module's loop are re-implemented in benchmarks/peers.py.
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.6"],
-        # GPU runtimes name their CUDA major: plain `tensorrt` pulls the CUDA 13 build, and onnxruntime-gpu 1.31.1 on
-        # PyPI is built for CUDA 13 (its build_and_package_info says so); on a CUDA 12 host install ORT's CUDA 12 build.
+        # GPU runtimes name their CUDA major: plain `tensorrt` pulls the CUDA 13 build; onnxruntime-gpu on PyPI is a
+        # CUDA 12 build up to 1.26 (1.26.0: CUDA 12.8) and CUDA 13 from 1.27 (1.31.1: CUDA 13.0), per build_and_package_info.
         "tensorrt-cu12": ["tensorrt-cu12>=10.16,<12"],
         "tensorrt-lean-cu12": ["tensorrt-lean-cu12>=10.16,<12"],
-        "ort-gpu": ["onnxruntime-gpu>=1.20"],
+        "ort-gpu-cu12": ["onnxruntime-gpu>=1.20,<1.27"],
+        "ort-gpu-cu13": ["onnxruntime-gpu>=1.27"],
     },
     entry_points={"console_scripts": ["cellseg3d=engine.cli:main"]},
 )

@@ -37,7 +37,7 @@ __all__ = ["OrtCPUBackend", "OrtGPUBackend", "check_gpu_session", "fp16_gate_pas
 logger = logging.getLogger(__name__)
 
 _INSTALL_CPU = "pip install onnxruntime"
-_INSTALL_GPU = "pip install onnxruntime-gpu (the build for this machine's CUDA major: onnxruntime.ai, Install ONNX Runtime)"
+_INSTALL_GPU = "pip install onnxruntime-gpu (the build for this machine's CUDA major: 'onnxruntime-gpu<1.27' for CUDA 12, 1.27+ for CUDA 13)"
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _WORKSPACE_BYTES = 4 << 30
 

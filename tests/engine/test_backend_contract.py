@@ -149,4 +149,4 @@ def test_install_hints_name_the_cuda_specific_packages(monkeypatch: pytest.Monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     reason = TensorRTBackend.unavailable_reason() or ""
     assert "pip install tensorrt-cu12" in reason and "tensorrt-lean-cu12" in reason and "pip install tensorrt " not in reason
-    assert "pip install onnxruntime-gpu (the build for this machine's CUDA major" in (OrtGPUBackend.unavailable_reason() or "")
+    assert "pip install onnxruntime-gpu (the build for this machine's CUDA major: 'onnxruntime-gpu<1.27' for CUDA 12" in (OrtGPUBackend.unavailable_reason() or "")
