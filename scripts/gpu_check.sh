@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check (issue 13), under 8 minutes on one H100/H200:
 #   1. the GPU and TensorRT tests (pytest -m "gpu or tensorrt": export + plan build + gate, backends vs torch,
-#      foreign/corrupt plans, lean plans, ort-gpu IO binding),
+#      foreign/corrupt plans, lean plans, prepare() building before streaming, ort-gpu IO binding),
 #   2. benchmarks/gpu_host.py (the speed table; its budget is what is left of 7 minutes),
 # then ONE summary table: every test row (passed / failed / skipped with pytest's reason) and every benchmark
 # row (seconds, Mvox/s, Dice, or why it was skipped). A host with torch CUDA but without TensorRT or
@@ -31,7 +31,7 @@ PY
 
 echo "== GPU and TensorRT tests (limit 240 s)" | tee -a "$OUT/check.log"
 timeout 240 $PY -m pytest -q -rA -p no:cacheprovider --timeout 200 --junitxml="$OUT/gpu_tests.xml" \
-    -m "gpu or tensorrt" tests/engine/test_trt_backend.py tests/engine/test_ort_backend.py \
+    -m "gpu or tensorrt" tests/engine/test_trt_backend.py tests/engine/test_ort_backend.py tests/engine/test_backend_contract.py \
     2>&1 | tail -40 | tee -a "$OUT/check.log"
 TESTS_RC=${PIPESTATUS[0]}
 

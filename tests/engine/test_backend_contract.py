@@ -150,3 +150,26 @@ def test_install_hints_name_the_cuda_specific_packages(monkeypatch: pytest.Monke
     reason = TensorRTBackend.unavailable_reason() or ""
     assert "pip install tensorrt-cu12" in reason and "tensorrt-lean-cu12" in reason and "pip install tensorrt " not in reason
     assert "pip install onnxruntime-gpu (the build for this machine's CUDA major: 'onnxruntime-gpu<1.27' for CUDA 12" in (OrtGPUBackend.unavailable_reason() or "")
+
+
+def _full_tensorrt_and_gpu() -> str | None:
+    from engine.backends.trt_build import import_tensorrt
+
+    trt, can_build = import_tensorrt()
+    if trt is None or not can_build:
+        return "needs the full tensorrt package (pip install tensorrt-cu12)"
+    return None if torch.cuda.is_available() else "needs a CUDA GPU"
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(_full_tensorrt_and_gpu() is not None, reason=_full_tensorrt_and_gpu() or "")
+def test_prepare_builds_the_plan_before_streaming_on_a_gpu(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle("UNet3D", tmp_path / "tiny")
+    assert export_bundle(bundle, options=ExportOptions(max_batch=2)).ok
+    with select_backend("tensorrt", load_bundle(bundle.path), options=BackendOptions(max_batch=2)) as backend:
+        first = backend.record.plan_path
+        backend.prepare((16, 64, 64), 2)  # larger than the exported plan's patch: a new plan, built now
+        assert backend.record.plan_path != first and backend.record.key.profile.covers((16, 64, 64))
+        assert backend.run(torch.zeros((2, 1, 16, 64, 64), device=backend.device)).shape == (2, 1, 16, 64, 64)
+        with pytest.raises(InputError, match="prepared for patches up to"):
+            backend.run(torch.zeros((1, 1, 32, 64, 64), device=backend.device))
