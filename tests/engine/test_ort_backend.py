@@ -27,8 +27,8 @@ from engine.backends import (
 from engine.backends.ort_backend import OrtCPUBackend, OrtGPUBackend
 from engine.bundle import Bundle, load_bundle, write_bundle_json
 from engine.errors import BackendUnavailableError, BundleError
-from engine.pipeline import SegmentOptions, segment
 from engine.labels import interior_probability
+from engine.pipeline import SegmentOptions, segment
 from export.bundle_export import ExportOptions, export_bundle
 
 ENGINE_DIR = Path(__file__).resolve().parents[2] / "engine"
