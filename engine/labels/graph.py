@@ -86,6 +86,27 @@ class EdgeTable:
         return out
 
 
+def _relevant(edges: EdgeTable, sizes: NDArray[np.integer], threshold: float, min_size: int) -> NDArray[np.bool_]:
+    """The edges the agglomeration can ever use, so only they take Python objects.
+
+    Pooling averages: a region whose every boundary is at or above ``threshold`` keeps them so however its
+    neighbours merge, so it never merges in the threshold phase, and neither do edges to it. Only edges
+    between regions that have a weaker boundary somewhere ("active") matter there, plus, for the sliver
+    phase, every edge of a region under ``min_size`` voxels.
+    """
+    n = int(max(edges.u.max(initial=0), edges.v.max(initial=0))) + 1
+    weak = edges.sums < threshold * edges.counts
+    active = np.zeros(n, dtype=bool)
+    active[edges.u[weak]] = True
+    active[edges.v[weak]] = True
+    keep = active[edges.u] & active[edges.v]
+    if min_size > 0:
+        small = np.zeros(n, dtype=bool)
+        small[: min(n, len(sizes))] = sizes[:n] < min_size
+        keep |= small[edges.u] | small[edges.v]
+    return keep
+
+
 def agglomerate(edges: EdgeTable, sizes: NDArray[np.integer], /, *, threshold: float, min_size: int) -> list[tuple[int, int]]:
     """The merges ``(kept, absorbed)`` of average-linkage agglomeration (see the module docstring).
 
@@ -95,8 +116,10 @@ def agglomerate(edges: EdgeTable, sizes: NDArray[np.integer], /, *, threshold: f
         threshold: merge while the weakest mean boundary between two regions is below this.
         min_size: afterwards, regions under this many voxels join their weakest-boundary neighbour.
     """
+    relevant = _relevant(edges, sizes, threshold, min_size)
     adjacency: dict[int, dict[int, list[float]]] = {}
-    for u, v, s, c in zip(edges.u.tolist(), edges.v.tolist(), edges.sums.tolist(), edges.counts.tolist()):
+    for u, v, s, c in zip(edges.u[relevant].tolist(), edges.v[relevant].tolist(), edges.sums[relevant].tolist(),
+                          edges.counts[relevant].tolist()):
         shared = [s, float(c)]  # one list for both directions: pooling updates both
         adjacency.setdefault(u, {})[v] = shared
         adjacency.setdefault(v, {})[u] = shared
