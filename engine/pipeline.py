@@ -220,6 +220,7 @@ def _run(
         spec = scale.postprocess(spec)
         with report.timed("load"):
             tiling, report.fit, model_patch = _tiling(bundle, options, (z, y, x), backend, scale)
+            backend.prepare(model_patch, tiling.batch_size)  # TensorRT loads or builds its plan now, not mid-run
         k = len(bundle.output.names)
         memory = int(options.memory_limit_gib * 2**30) if options.memory_limit_gib else None
         plan = plan_slabs(
@@ -236,7 +237,7 @@ def _run(
             store=store,
         )
         run = backend.run if scale.identity else ScaledRun(backend.run, model_patch)
-        runner = BackoffRunner(run, batch_size=tiling.batch_size)
+        runner = BackoffRunner(run, batch_size=tiling.batch_size, oom_errors=backend.oom_errors)
         tracker = ProgressTracker(progress, unit=options.progress_unit, total_voxels=z * y * x)
         timings = StreamTimings()
         stream(

@@ -44,7 +44,7 @@ class ImageBackend(Backend):
     def unavailable_reason(cls) -> str | None:
         return None
 
-    def run(self, batch: torch.Tensor, /) -> torch.Tensor:
+    def forward(self, batch: torch.Tensor, /) -> torch.Tensor:
         self.batches.append(batch.shape[0])
         self.threads.add(threading.get_ident())
         if self.fail_after is not None and len(self.batches) >= self.fail_after:

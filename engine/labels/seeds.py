@@ -84,18 +84,18 @@ def _thin(points: NDArray[np.intp], component: NDArray[np.integer], spacing: flo
 def find_seeds(
     distance: NDArray[np.float32], components: NDArray[np.integer], /, *, min_dist: int, sampling: Sequence[float] | None
 ) -> NDArray[np.intp]:
-    """Seed voxels ``(n, 3)``: the distance maxima of each interior component, thinned to ``min_dist`` (in
-    ``sampling`` units; voxels when None). Touching maximum voxels (a plateau) are one seed and are kept or
-    dropped together, so a component of equal distances gets exactly one."""
+    """Seed voxels ``(n, 3)``, strongest first: the distance maxima of each interior component, thinned to
+    ``min_dist`` (in ``sampling`` units; voxels when None). Touching maximum voxels (a plateau) give one seed,
+    their first voxel in scan order, so a component of equal distances gets exactly one."""
     mask = components > 0
     if not mask.any():
         return np.empty((0, 3), dtype=np.intp)
     peak = mask & (distance >= _path_maximum(distance, mask, seed_radius(min_dist, sampling)))
     points = np.argwhere(peak)
-    piece = cc3d.connected_components(peak, connectivity=26)[peak]
-    ids, first = np.unique(piece, return_index=True)
+    piece = cc3d.connected_components(peak, connectivity=6)[peak]  # face pieces lie within one component
+    _, first = np.unique(piece, return_index=True)
     order = np.lexsort((first, -distance[peak][first]))  # pieces strongest first, ties in scan order
     heads = points[first[order]]
     scale = np.asarray(sampling or (1.0, 1.0, 1.0), dtype=np.float64)
     keep = _thin(heads, components[tuple(heads.T)], float(min_dist), scale) if min_dist > 1 else np.ones(len(heads), bool)
-    return points[np.isin(piece, ids[order][keep])]
+    return heads[keep]
