@@ -201,7 +201,7 @@ def _write_extras(job: StackJob, result) -> None:  # noqa: ANN001 - engine.pipel
         result.report.write_json(job.report, input=str(job.input), outputs={k: str(v) for k, v in outputs.items() if v})
 
 
-def _options(args: argparse.Namespace):  # noqa: ANN202 - engine.pipeline.SegmentOptions (imported late)
+def _options(args: argparse.Namespace):  # noqa: ANN202 - engine.run_plan.SegmentOptions (imported late)
     from .pipeline import SegmentOptions
 
     return SegmentOptions(

@@ -11,85 +11,32 @@ the volume (see :class:`SegmentResult` for what the result holds in that case).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import resource
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
 from . import io
 from .backends import Backend, BackendOptions, select_backend
-from .bundle import Bundle, PostprocessSpec, load_bundle
+from .bundle import Bundle, load_bundle
 from .errors import InputError
-from .fitting import BackoffRunner, fit_tiling
+from .fitting import BackoffRunner
+from .labels import FileLabelStore, MemoryLabelStore, SlabLabeler
 from .normalize import normalization_stats
 from .outputs import RunOutputs
-from .progress import PROGRESS_UNITS, Progress, ProgressTracker
+from .progress import Progress, ProgressTracker
 from .report import RunReport
-from .scale import ScaledRun, ScalePlan, plan_for_source
-from .labels import FileLabelStore, MemoryLabelStore, SlabLabeler
-from .streaming import (
-    ArraySource,
-    Source,
-    StreamTimings,
-    plan_slabs,
-    prefetched,
-    stream,
-    volume_stats,
-)
+from .run_plan import SegmentOptions, check_options, plan_run
+from .scale import ScaledRun
+from .streaming import ArraySource, Source, StreamTimings, prefetched, stream, volume_stats
 from .tiff_stream import write_labels_stream
-from .tiling import SlabGrid, TilingConfig
 
 __all__ = ["SegmentOptions", "RunReport", "SegmentResult", "segment", "segment_file"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SegmentOptions:
-    """Run settings; None means "as the bundle says" (or, for the batch, 1 on CPU and 4 on GPU).
-
-    Args:
-        backend: ``auto`` or a name from ``engine.backends.BACKEND_CHOICES``.
-        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (what the backend supports).
-        patch_shape: ``(z, y, x)``, multiples of the network's divisor.
-        overlap: fraction of a patch shared with each neighbour, ``0 <= overlap < 1``.
-        batch_size: patches per network call.
-        threads: CPU threads (None: all cores available).
-        threshold, min_dist, label_threshd: post-processing overrides (see ``PostprocessSpec``).
-        slab_depth: planes per z-slab; None: one slab when the volume's working set fits
-            ``memory_limit_gib``, else the deepest slab that does (:func:`engine.streaming.plan_slabs`).
-        halo: planes added on each side of a slab for the watershed (None: ``max(8, 2 * min_dist)``); the
-            slabbed watershed equals the whole-volume one when the halo exceeds the cells' extent in z.
-        memory_limit_gib: host working-memory budget that sizes the slabs (None: 2 GiB, at most half of
-            the available memory).
-        progress_unit: ``patch`` or ``voxel``, what ``progress(done, total)`` counts (see
-            :mod:`engine.progress`).
-        voxel_size_um: ``(z, y, x)`` of the input in µm, overriding the file's (None: the file's, if any).
-        cell_diameter: typical cell diameter, µm when the voxel size is known, else xy voxels (None:
-            estimated from the data, see :mod:`engine.scale`).
-        rescale: ``auto`` (run the network at the model's cell size and voxel grid) or ``off`` (as is).
-    """
-
-    backend: str = "auto"
-    precision: str = "auto"
-    patch_shape: tuple[int, int, int] | None = None
-    overlap: float | None = None
-    batch_size: int | None = None
-    threads: int | None = None
-    threshold: float | None = None
-    min_dist: int | None = None
-    label_threshd: int | None = None
-    slab_depth: int | None = None
-    halo: int | None = None
-    memory_limit_gib: float | None = None
-    progress_unit: str = "patch"
-    voxel_size_um: tuple[float, float, float] | None = None
-    cell_diameter: float | None = None
-    rescale: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -111,67 +58,6 @@ class SegmentResult:
         return self.report.n_cells
 
 
-def _postprocess_spec(bundle: Bundle, options: SegmentOptions) -> PostprocessSpec:
-    overrides = {k: getattr(options, k) for k in ("threshold", "min_dist", "label_threshd") if getattr(options, k) is not None}
-    if "threshold" in overrides and not 0 <= overrides["threshold"] <= 1:
-        raise InputError(f"threshold must be between 0 and 1, got {overrides['threshold']}")
-    for key in ("min_dist", "label_threshd"):
-        if key in overrides and overrides[key] < 0:
-            raise InputError(f"{key} must be >= 0, got {overrides[key]}")
-    return replace(bundle.postprocess, **overrides)
-
-
-def _check_options(options: SegmentOptions) -> None:
-    if options.progress_unit not in PROGRESS_UNITS:
-        raise InputError(f"progress unit must be one of {list(PROGRESS_UNITS)}, got {options.progress_unit!r}")
-    if options.memory_limit_gib is not None and not options.memory_limit_gib > 0:
-        raise InputError(f"memory limit must be > 0 GiB, got {options.memory_limit_gib}")
-    if options.slab_depth is not None and options.slab_depth < 1:
-        raise InputError(f"slab depth must be >= 1 plane, got {options.slab_depth}")
-    if options.halo is not None and options.halo < 0:
-        raise InputError(f"halo must be >= 0 planes, got {options.halo}")
-    if options.rescale not in ("auto", "off"):
-        raise InputError(f"rescale must be 'auto' or 'off', got {options.rescale!r}")
-
-
-def _tiling(
-    bundle: Bundle, options: SegmentOptions, shape: tuple[int, int, int], backend: Backend, scale: ScalePlan
-) -> tuple[TilingConfig, str, tuple[int, int, int]]:
-    """Patch and batch: the caller's, else fitted to the device (:func:`engine.fitting.fit_tiling`), on the
-    model's grid; returns the tiling on the input grid, where it came from, and the model patch."""
-    k = len(bundle.output.names)
-    model_shape = scale.model_shape(shape)
-    padded_plane = lambda patch: max(model_shape[1], patch[1]) * max(model_shape[2], patch[2])  # noqa: E731
-    fit = fit_tiling(
-        bundle, backend, model_shape, patch_shape=options.patch_shape, batch_size=options.batch_size,
-        reserve_bytes=lambda patch: 4.0 * (k + 1) * patch[0] * padded_plane(patch),
-    )
-    config = TilingConfig(
-        patch_shape=scale.input_patch(fit.patch_shape, shape),
-        overlap=bundle.overlap if options.overlap is None else options.overlap,
-        batch_size=fit.batch_size,
-    )
-    return config, fit.source, fit.patch_shape
-
-
-def _scale(source: Source, stats: list[tuple[float, float]], bundle: Bundle, options: SegmentOptions,
-           voxel_size_um: tuple[float, float, float] | None, backend: Backend) -> ScalePlan:
-    """The zoom to the model's grid (:mod:`engine.scale`), estimated through ``backend`` when needed."""
-    voxel = options.voxel_size_um or voxel_size_um
-    if options.rescale == "off":
-        return ScalePlan.unscaled("rescaling off", voxel)
-    return plan_for_source(
-        source, stats, bundle=bundle, run=backend.run, device=backend.device, voxel_size_um=voxel, cell_diameter=options.cell_diameter,
-    )
-
-
-def _halo(options: SegmentOptions, spec: PostprocessSpec, scale: ScalePlan) -> int | None:
-    """The caller's halo; on a resampled grid, ``2 * min_dist`` model voxels in input planes (at least 8)."""
-    if options.halo is None and not scale.identity and spec.method != "components":
-        return max(8, math.ceil(2 * spec.min_dist / scale.zoom[0]))
-    return options.halo
-
-
 def _as_czyx(volume: np.ndarray, channels: int) -> np.ndarray:
     if volume.ndim == 3 and channels == 1:
         volume = volume[np.newaxis]
@@ -180,6 +66,18 @@ def _as_czyx(volume: np.ndarray, channels: int) -> np.ndarray:
     if volume.size == 0:
         raise InputError(f"empty volume (shape {volume.shape})")
     return volume
+
+
+def _stats(source: Source, bundle: Bundle) -> list[tuple[float, float]]:
+    """Normalization statistics of the whole volume; NaN or constant content names the file when there is one."""
+    try:
+        if isinstance(source, ArraySource):
+            return normalization_stats(source.data, bundle.normalization)
+        return volume_stats(source, bundle.normalization, dtype=getattr(source, "dtype", np.dtype(np.float32)))
+    except InputError as exc:
+        if getattr(source, "path", None) is None:
+            raise
+        raise InputError(f"{source.path}: {exc}") from exc  # type: ignore[attr-defined]
 
 
 def _run(
@@ -193,55 +91,39 @@ def _run(
     backend: Backend | None,
     outputs: RunOutputs,
 ) -> SegmentResult:
-    """Normalize, infer, label and write ``source`` slab by slab (one slab when it fits)."""
+    """Plan the run (:func:`engine.run_plan.plan_run`), then normalize, infer, label and write ``source``
+    slab by slab (one slab when it fits)."""
     started = time.perf_counter()
-    _check_options(options)
-    spec = _postprocess_spec(bundle, options)
+    check_options(options)
     c, z, y, x = source.shape
     report = RunReport(shape=tuple(source.shape))
     with report.timed("normalize"):
-        try:
-            if isinstance(source, ArraySource):
-                stats = normalization_stats(source.data, bundle.normalization)
-            else:
-                stats = volume_stats(source, bundle.normalization, dtype=getattr(source, "dtype", np.dtype(np.float32)))
-        except InputError as exc:  # NaN or constant content: name the file when there is one
-            if getattr(source, "path", None) is None:
-                raise
-            raise InputError(f"{source.path}: {exc}") from exc  # type: ignore[attr-defined]
+        stats = _stats(source, bundle)
     owned = backend is None
     with report.timed("load"):
         if backend is None:
-            backend_options = BackendOptions(precision=options.precision, threads=options.threads)
-            backend = select_backend(options.backend, bundle, options=backend_options)
+            backend = select_backend(options.backend, bundle, options=BackendOptions(precision=options.precision, threads=options.threads))
     try:
-        with report.timed("scale"):
-            scale = _scale(source, stats, bundle, options, voxel_size_um, backend)
-        spec = scale.postprocess(spec)
+        with report.timed("plan"):  # the scale estimate (network passes on crops) and, on CUDA, the fit
+            plan = plan_run(source, stats, bundle=bundle, options=options, voxel_size_um=voxel_size_um, backend=backend,
+                            keep_outputs=outputs.output_path is None)
         with report.timed("load"):
-            tiling, report.fit, model_patch = _tiling(bundle, options, (z, y, x), backend, scale)
-            backend.prepare(model_patch, tiling.batch_size)  # TensorRT loads or builds its plan now, not mid-run
-        k = len(bundle.output.names)
-        memory = int(options.memory_limit_gib * 2**30) if options.memory_limit_gib else None
-        plan = plan_slabs(
-            (c, z, y, x), grid_config=tiling, out_channels=k, spec=spec, depth=options.slab_depth, halo=_halo(options, spec, scale),
-            memory_bytes=memory, keep_outputs=outputs.output_path is None, device_type=backend.device.type,
-        )
-        grid = SlabGrid((z, y, x), tiling, plan.rows_per_group)
+            backend.prepare(plan.model_patch, plan.tiling.batch_size)  # TensorRT loads or builds its plan now, not mid-run
         report.backend, report.precision, report.device = backend.name, backend.precision, backend.device_name
-        report.patch_shape, report.n_patches, report.scale = tiling.patch_shape, grid.n_patches, scale
-        report.slab_depth, report.halo, report.n_slabs = plan.depth, plan.halo, plan.n_slabs(z)
+        report.patch_shape, report.n_patches, report.scale, report.fit = plan.tiling.patch_shape, plan.grid.n_patches, plan.scale, plan.fit
+        report.slab_depth, report.halo, report.n_slabs = plan.slabs.depth, plan.slabs.halo, plan.slabs.n_slabs(z)
+        k = len(bundle.output.names)
         store, write_probs = outputs.open((k, z, y, x), streamed=report.n_slabs > 1)
         labeler = SlabLabeler(
-            (z, y, x), output=bundle.output, spec=spec, sampling=scale.sampling, depth=plan.depth, halo=plan.halo,
-            store=store,
+            (z, y, x), output=bundle.output, spec=plan.spec, sampling=plan.scale.sampling, depth=plan.slabs.depth,
+            halo=plan.slabs.halo, store=store,
         )
-        run = backend.run if scale.identity else ScaledRun(backend.run, model_patch)
-        runner = BackoffRunner(run, batch_size=tiling.batch_size, oom_errors=backend.oom_errors)
+        run = backend.run if plan.scale.identity else ScaledRun(backend.run, plan.model_patch)
+        runner = BackoffRunner(run, batch_size=plan.tiling.batch_size, oom_errors=backend.oom_errors)
         tracker = ProgressTracker(progress, unit=options.progress_unit, total_voxels=z * y * x)
         timings = StreamTimings()
         stream(
-            source, stats=stats, run=runner, grid=grid, out_channels=k, device=backend.device, labeler=labeler,
+            source, stats=stats, run=runner, grid=plan.grid, out_channels=k, device=backend.device, labeler=labeler,
             write_probs=write_probs, tracker=tracker, timings=timings,
         )
         report.batch_size, report.oom_retries = runner.batch_size, runner.oom_retries

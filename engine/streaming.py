@@ -11,11 +11,7 @@ volume):
 3. a post-processing thread writes the probabilities (if wanted) and labels finished cores
    (:class:`engine.labels.SlabLabeler`), storing provisional labels.
 
-Sizes (:func:`plan_slabs`): with a memory budget (default :data:`DEFAULT_MEMORY_BYTES`, at most half of
-the available memory), a volume whose whole-volume working set fits is done in one slab, exactly as
-before. Otherwise the post-processing core depth and the number of patch rows per inference group are the
-largest the budget allows, with ``halo`` planes on each side of a core for the watershed (default
-``max(8, 2 * min_dist)``).
+The slab sizes come from the run plan (:func:`engine.run_plan.plan_slabs`); this module only runs the threads.
 """
 
 from __future__ import annotations
@@ -31,24 +27,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .bundle import Normalization, PostprocessSpec
-from .errors import InputError
+from .bundle import Normalization
 from .normalize import normalization_stats
 from .progress import ProgressTracker
 from .labels import SlabLabeler
-from .tiling import SlabGrid, TilingConfig, sliding_window_slabs
+from .tiling import SlabGrid, sliding_window_slabs
 
-__all__ = [
-    "SlabPlan", "plan_slabs", "Source", "ArraySource", "volume_stats", "normalize_with", "stream", "StreamTimings", "prefetched",
-]
+__all__ = ["ArraySource", "Source", "StreamTimings", "normalize_with", "prefetched", "stream", "volume_stats"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MEMORY_BYTES = 2 * 2**30
-# Host bytes per voxel of each working buffer, measured on 64x256x256 stacks (see tests/engine/test_streaming.py).
-POSTPROCESS_BYTES = {"watershed": 72, "components": 24}
-_MIN_DEPTH = 8
-
 
 class Source(Protocol):
     """A ``(C, Z, Y, X)`` volume readable by z-slabs (:class:`engine.io.VolumeReader` is one)."""
@@ -67,90 +54,6 @@ class ArraySource:
 
     def read(self, z0: int, z1: int, /) -> np.ndarray:
         return self.data[:, z0:z1]
-
-
-@dataclass(frozen=True)
-class SlabPlan:
-    """How a volume is cut: ``depth`` planes per post-processing core, ``halo`` planes each side of it,
-    ``rows_per_group`` patch rows per inference group (None: all in one)."""
-
-    depth: int
-    halo: int
-    rows_per_group: int | None
-
-    def n_slabs(self, z: int, /) -> int:
-        return -(-z // self.depth)
-
-
-def available_memory() -> int:
-    """``MemAvailable`` from /proc/meminfo (bytes), or 8 GiB where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 2**30
-
-
-def plan_slabs(
-    shape: tuple[int, int, int, int],
-    /,
-    *,
-    grid_config: TilingConfig,
-    out_channels: int,
-    spec: PostprocessSpec,
-    depth: int | None = None,
-    halo: int | None = None,
-    memory_bytes: int | None = None,
-    keep_outputs: bool = False,
-    device_type: str = "cpu",
-) -> SlabPlan:
-    """Choose the slab depth, halo and inference grouping for a ``(C, Z, Y, X)`` volume.
-
-    Args:
-        shape: ``(C, Z, Y, X)``.
-        grid_config: the :class:`engine.tiling.TilingConfig`.
-        out_channels: channels the network returns.
-        spec: post-processing (its method sets the per-voxel cost, ``min_dist`` the default halo).
-        depth, halo: fixed by the caller (None: chosen here).
-        memory_bytes: host working-memory budget (None: :data:`DEFAULT_MEMORY_BYTES`, at most half of the
-            available memory).
-        keep_outputs: whole-volume labels and probabilities are returned in memory even when streamed
-            (``segment``); they always count for a one-slab run.
-        device_type: where the blend accumulates (CUDA keeps it off the host).
-
-    Raises:
-        InputError: ``depth`` < 1 or ``halo`` < 0.
-    """
-    c, z, y, x = shape
-    if depth is not None and depth < 1:
-        raise InputError(f"slab depth must be >= 1 plane, got {depth}")
-    if halo is not None and halo < 0:
-        raise InputError(f"halo must be >= 0 planes, got {halo}")
-    budget = memory_bytes if memory_bytes is not None else min(DEFAULT_MEMORY_BYTES, available_memory() // 2)
-    halo = (0 if spec.method == "components" else max(_MIN_DEPTH, 2 * int(spec.min_dist))) if halo is None else halo
-    plane = y * x
-    infer_bytes = 8 * c + (0 if device_type == "cuda" else 4 * out_channels + 4)
-    post_bytes = POSTPROCESS_BYTES.get(spec.method, 72) + 4 * out_channels  # + planes queued for it
-    outputs = (4 + 4 * out_channels) * z * plane  # labels and probabilities, held in memory by a one-slab run
-    pz, step = grid_config.patch_shape[0], max(1, round(grid_config.patch_shape[0] * (1 - grid_config.overlap)))
-    if depth is None and outputs + (infer_bytes + post_bytes) * max(z, pz) * plane <= budget:
-        return SlabPlan(depth=z, halo=0, rows_per_group=None)  # the whole volume fits: one slab, exact
-    room = max(0, budget - outputs) if keep_outputs else budget
-    if depth is None:
-        depth = int(0.5 * room / (post_bytes * plane)) - 2 * halo
-        if depth < max(_MIN_DEPTH, halo):
-            logger.warning(
-                "memory budget %.2f GiB is small for %dx%d planes: using %d-plane slabs with a %d-plane halo anyway",
-                budget / 2**30, y, x, max(_MIN_DEPTH, halo), halo,
-            )
-            depth = max(_MIN_DEPTH, halo)
-    infer_planes = int(0.4 * room / (infer_bytes * plane))
-    # Groups emit about a slab's planes each (more would only delay the labelling), within the budget.
-    rows = max(1, min((infer_planes - pz) // step + 1, round(depth / step)))
-    return SlabPlan(depth=min(depth, z), halo=halo if depth < z else 0, rows_per_group=rows)
 
 
 class _LazyChannel:

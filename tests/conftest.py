@@ -8,25 +8,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from engine.bundle import Bundle, Normalization, OutputSpec, PostprocessSpec, make_bundle
+from tiny_bundles import tiny_template
 
-
-def tiny_template(path: Path, **overrides: object) -> Bundle:
-    """A 3-level UNet3D with 8 features: fast enough for CPU tests on odd shapes."""
-    fields = dict(
-        path=path,
-        name="tiny",
-        architecture="UNet3D",
-        arch_kwargs={"in_channels": 1, "out_channels": 2, "f_maps": 8, "num_levels": 3},
-        in_channels=1,
-        normalization=Normalization(kind="percentile", low=1.0, high=99.8),
-        output=OutputSpec(kind="boundary", channel=0, names=("boundary", "foreground")),
-        patch_shape=(16, 32, 32),
-        overlap=0.25,
-        postprocess=PostprocessSpec(method="watershed", threshold=0.5, min_dist=3, label_threshd=5),
-    )
-    fields.update(overrides)
-    return Bundle(**fields)  # type: ignore[arg-type]
+from engine.bundle import Bundle, make_bundle
 
 
 @pytest.fixture(scope="session")

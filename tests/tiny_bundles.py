@@ -1,4 +1,5 @@
-"""Tiny random-weight bundles of both architectures, for export and backend tests (seconds on 2 CPU cores)."""
+"""Tiny random-weight bundles of both architectures, for export, backend and engine tests (seconds on 2 CPU
+cores); a plain module, not a conftest, so every test folder imports the same one."""
 
 from __future__ import annotations
 
@@ -14,9 +15,27 @@ from engine.bundle import (
     make_bundle,
 )
 
-__all__ = ["ARCHITECTURES", "make_tiny_bundle"]
+__all__ = ["ARCHITECTURES", "make_tiny_bundle", "tiny_template"]
 
 ARCHITECTURES = ("UNet3D", "Modified3DUNet")
+
+
+def tiny_template(path: Path, **overrides: object) -> Bundle:
+    """A 3-level UNet3D with 8 features: fast enough for CPU tests on odd shapes."""
+    fields = dict(
+        path=path,
+        name="tiny",
+        architecture="UNet3D",
+        arch_kwargs={"in_channels": 1, "out_channels": 2, "f_maps": 8, "num_levels": 3},
+        in_channels=1,
+        normalization=Normalization(kind="percentile", low=1.0, high=99.8),
+        output=OutputSpec(kind="boundary", channel=0, names=("boundary", "foreground")),
+        patch_shape=(16, 32, 32),
+        overlap=0.25,
+        postprocess=PostprocessSpec(method="watershed", threshold=0.5, min_dist=3, label_threshd=5),
+    )
+    fields.update(overrides)
+    return Bundle(**fields)  # type: ignore[arg-type]
 
 _SPECS = {
     "UNet3D": (

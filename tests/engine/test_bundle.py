@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_template
+from tiny_bundles import tiny_template
 from engine.bundle import load_bundle, make_bundle
 from engine.errors import BundleError
 

@@ -24,7 +24,8 @@ from engine import normalize as engine_normalize
 from engine import tiff_stream
 from engine.bundle import OutputSpec, PostprocessSpec, make_bundle
 from engine.normalize import normalization_stats
-from engine.streaming import ArraySource, plan_slabs, volume_stats
+from engine.run_plan import plan_slabs
+from engine.streaming import ArraySource, volume_stats
 from engine.synthetic import make_membrane_volume, make_nuclei_volume
 from engine.tiling import SlabGrid, TilingConfig, sliding_window, sliding_window_slabs
 
@@ -67,7 +68,7 @@ def test_slabbed_blend_is_bitwise_the_whole_volume_blend(shape, overlap, rows) -
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Tiny bundles (their network is replaced by ImageBackend): membrane/boundary and nuclei/foreground."""
-    from conftest import tiny_template
+    from tiny_bundles import tiny_template
 
     out = tmp_path_factory.mktemp("slab_bundles")
     membrane = make_bundle(None, out / "m", template=tiny_template(out / "m", patch_shape=(16, 32, 32)))
@@ -324,7 +325,7 @@ def test_peak_memory_with_many_labels_follows_the_slab(tmp_path) -> None:
     merging on, streamed in 8-plane slabs, peak within one float32 copy of the extra planes of the 64-plane
     run plus 512 bytes per cell (ids and sizes 16 B, ~7 region pairs of 24 B, and the pooling's transients;
     measured here: 134 MB for 261k cells). With Python adjacency for every pair it grew 466 MB."""
-    from conftest import tiny_template
+    from tiny_bundles import tiny_template
 
     spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=2, label_threshd=1, merge_threshold=0.3)
     bundle = make_bundle(None, tmp_path / "b", template=tiny_template(tmp_path / "b", patch_shape=(16, 32, 32), postprocess=spec))
