@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -231,6 +232,20 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prefetch(path: Path) -> None:
+    """Ask the kernel to read the next stack into the page cache while this one runs (network storage)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # reported when its turn comes
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
 def _run_jobs(args: argparse.Namespace, jobs: list[StackJob], many: bool) -> list[Path]:
     """Segment each job with one bundle and backend; returns the inputs that failed (many stacks only)."""
     if not jobs:
@@ -245,7 +260,9 @@ def _run_jobs(args: argparse.Namespace, jobs: list[StackJob], many: bool) -> lis
     progress = _Progress(sum(job.voxels for job in jobs), not args.no_progress and sys.stderr.isatty())
     failed = []
     try:
-        for job in jobs:
+        for i, job in enumerate(jobs):
+            if i + 1 < len(jobs):
+                _prefetch(jobs[i + 1].input)
             try:
                 result = segment_file(job.input, job.labels, bundle=bundle, options=options, channel=args.channel,
                                       prob_path=job.prob, progress=progress.for_stack(), backend=backend)

@@ -268,7 +268,6 @@ def sliding_window_slabs(
         planes ``[z0, z0 + n)``; successive slabs tile ``[0, Z)`` in order.
     """
     shape, config = grid.shape, grid.config
-    pz = config.patch_shape[0]
     weights = importance_map(config.patch_shape, sigma_scale=config.sigma_scale, device=device)
     yx = [patch_starts(s, p, config.overlap) for s, p in zip(grid.padded[1:], config.patch_shape[1:])]
     yx_corners = [(y, x) for y in yx[0] for x in yx[1]]
