@@ -3,7 +3,8 @@
 The steps, one module each: :mod:`.distance` (distance transform of the thresholded interior, background
 clearing), :mod:`.seeds` (distance maxima at least ``min_dist`` apart within a cell), :mod:`.flood` (the
 seeded watershed), :mod:`.graph` (region adjacency graph and average-linkage agglomeration), and
-:mod:`.slabs` (the slab labeller that runs them core by core and stitches ids across slab borders;
+:mod:`.slabs` (the slab labeller that runs them core by core, stitches ids across slab borders and keeps
+provisional labels in :mod:`.stores`;
 :func:`label_cells` is its one-core case, as ``sliding_window`` is the one-group case of the slab
 inference). Field libraries do the heavy array work where they measured faster: seung-lab's ``edt``
 (anisotropic distance transforms), ``cc3d`` (connected components).
