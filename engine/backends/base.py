@@ -118,9 +118,9 @@ class Backend(ABC):
             )
         return out
 
+    @abstractmethod
     def forward(self, batch: torch.Tensor, /) -> torch.Tensor:
         """The backend's own part of :meth:`run`: ``batch`` is already checked and contiguous."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither forward nor run")
 
     @property
     def device_name(self) -> str:
