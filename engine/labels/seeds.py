@@ -50,13 +50,13 @@ def _path_maximum(distance: NDArray[np.float32], mask: NDArray[np.bool_], radius
         if n < 2:
             continue
         cut = [slice(None)] * 3
-        view = lambda a, b: (cut[:axis] + [slice(a, b)] + cut[axis + 1 :])  # noqa: E731
-        pair, first, last = tuple(view(0, n - 1)), tuple(view(0, 1)), tuple(view(n - 1, n))
-        inner, left, right = tuple(view(1, n - 1)), tuple(view(0, n - 2)), tuple(view(1, n - 1))
+        view = lambda a, b: tuple(cut[:axis] + [slice(a, b)] + cut[axis + 1 :])  # noqa: E731
+        lower, upper, inner = view(0, n - 1), view(1, n), view(1, n - 1)
+        first, last, t_head, t_tail = view(0, 1), view(n - 1, n), view(0, n - 2), view(n - 2, n - 1)
         for _ in range(min(radius[axis], n - 1)):
-            t = np.maximum(m[pair], m[tuple(view(1, n))])  # t[i] = max(m[i], m[i + 1])
-            g[first], g[last] = t[first], t[tuple(view(n - 2, n - 1))]
-            np.maximum(t[left], t[right], out=g[inner])  # g[i] = max(m[i - 1], m[i], m[i + 1])
+            t = np.maximum(m[lower], m[upper])  # t[i] = max(m[i], m[i + 1]), n - 1 long
+            g[first], g[last] = t[first], t[t_tail]
+            np.maximum(t[t_head], t[inner], out=g[inner])  # g[i] = max(m[i - 1], m[i], m[i + 1])
             np.copyto(g, np.float32(-1.0), where=outside)
             m, g = g, m
     return m
