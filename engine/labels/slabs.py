@@ -30,8 +30,9 @@ Exactness, method by method:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cc3d
 import numpy as np
@@ -104,6 +105,38 @@ class FinalLabels:
     n_cells: int
 
 
+@dataclass(frozen=True)
+class _Block:
+    """The part of a core one window labels, ``[c0, c1) x [y0, y1) x [x0, x1)``; ``origin`` is the window's
+    first voxel. Blocks are labelled in z, then y, then x order."""
+
+    c0: int
+    c1: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    origin: NDArray[np.int64] = field(default_factory=lambda: np.zeros(3, dtype=np.int64))
+
+    def contains(self, at: NDArray[np.integer]) -> NDArray[np.bool_]:
+        z, y, x = at.T
+        return (z >= self.c0) & (z < self.c1) & (y >= self.y0) & (y < self.y1) & (x >= self.x0) & (x < self.x1)
+
+    def done(self, at: NDArray[np.integer]) -> NDArray[np.bool_]:
+        """Which of the points ``(n, 3)`` lie in blocks labelled before this one."""
+        z, y, x = at.T
+        return (z < self.c0) | ((z < self.c1) & ((y < self.y0) | ((y < self.y1) & (x < self.x0))))
+
+    def in_window(self, at: NDArray[np.integer], shape: tuple[int, ...]) -> NDArray[np.bool_]:
+        local = at - self.origin
+        return np.all((local >= 0) & (local < np.asarray(shape)), axis=1)
+
+    def local(self) -> tuple[slice, slice, slice]:
+        """The block's slices in its window."""
+        oz, oy, ox = self.origin.tolist()
+        return slice(self.c0 - oz, self.c1 - oz), slice(self.y0 - oy, self.y1 - oy), slice(self.x0 - ox, self.x1 - ox)
+
+
 class SlabLabeler:
     """Label a probability map that arrives in z order, core by core (see the module docstring).
 
@@ -113,7 +146,10 @@ class SlabLabeler:
         spec: post-processing method and parameters.
         sampling: relative voxel size ``(z, y, x)`` for the distance transform, or None.
         depth: planes per core.
-        halo: extra planes on each side of a core for the watershed (ignored for ``components``).
+        halo: extra planes on each side of a core for the watershed (ignored for ``components``); in y and x
+            the windows reach as far in the sampling's units.
+        tile: the watershed labels a core in xy tiles of this side, each inside a window of the halo around
+            it (None: whole planes), so a window's size stays bounded however wide the planes are.
         store: where the provisional labels of finished cores go (``write(z0, core)``).
         threads: threads for the distance transform and flood inside a window (None: every core).
     """
@@ -129,12 +165,16 @@ class SlabLabeler:
         depth: int,
         halo: int,
         store: MemoryLabelStore | FileLabelStore,
+        tile: int | None = None,
         threads: int | None = None,
     ) -> None:
         self.shape, self.output, self.spec, self.sampling = shape, output, spec, sampling
         self.threads = threads
         self.depth = max(1, int(depth))
         self.halo = 0 if spec.method == "components" else max(0, int(halo))
+        z_over_xy = float(sampling[0]) / min(float(sampling[1]), float(sampling[2])) if sampling is not None else 1.0
+        self.halo_xy = math.ceil(self.halo * max(1.0, z_over_xy))
+        self.tile = None if tile is None or tile >= max(shape[1:]) else max(1, int(tile))
         self.store = store
         self.ids = UnionFind()
         self.sizes = np.zeros(1024, dtype=np.int64)
@@ -214,43 +254,62 @@ class SlabLabeler:
         self._last_plane = core[-1].astype(np.int64)
         return core
 
+    def _tiles(self) -> list[tuple[int, int, int, int]]:
+        """The core's xy tiles ``(y0, y1, x0, x1)`` in raster order (one tile: the whole plane)."""
+        _, ny, nx = self.shape
+        t = self.tile or max(ny, nx)
+        return [(y0, min(ny, y0 + t), x0, min(nx, x0 + t)) for y0 in range(0, ny, t) for x0 in range(0, nx, t)]
+
     def _watershed(self, c0: int, c1: int) -> NDArray[np.uint32]:
-        # The seeds below the core are the ones registered by earlier cores (one core: label_cells exactly).
-        threads = self.threads or available_cores()
         w0, w1 = max(0, c0 - self.halo), min(self.shape[0], c1 + self.halo)
         image = self._planes(w0, w1)
+        core = np.zeros((c1 - c0, *self.shape[1:]), dtype=np.uint32)
+        h = self.halo_xy
+        for y0, y1, x0, x1 in self._tiles():
+            wy0, wx0 = max(0, y0 - h), max(0, x0 - h)
+            window = np.ascontiguousarray(image[:, wy0 : y1 + h, wx0 : x1 + h])
+            block = _Block(c0, c1, y0, y1, x0, x1, origin=np.array([w0, wy0, wx0], dtype=np.int64))
+            core[:, y0:y1, x0:x1] = self._watershed_block(window, block)
+        self._registry = self._registry[:, self._registry[0] >= c1 - self.halo]
+        if self.edges is not None:
+            self._add_edges(self.edges, core, image[c0 - w0 : c1 - w0])
+        return core
+
+    def _watershed_block(self, image: NDArray[np.float32], block: _Block) -> NDArray[np.uint32]:
+        """Label one block from its window: seeds in blocks done before are the registered ones (one
+        window over the whole volume: ``label_cells`` exactly); seeds found elsewhere get ids now and are
+        confirmed, or counted as orphans, when their own block is labelled."""
+        threads = self.threads or available_cores()
         mask = self._mask(image)
         distance = distance_transform(mask, sampling=self.sampling, threads=threads)
         components = cc3d.connected_components(mask, connectivity=6).astype(np.int32, copy=False)
         peaks = find_seeds(distance, components, min_dist=max(1, int(self.spec.min_dist)), sampling=self.sampling)
+        peaks = peaks[~block.done(peaks + block.origin)]  # where blocks are done, their registered seeds stand
+        inside = block.in_window(self._registry[:3].T, image.shape)
+        registry = self._registry[:, inside]
+        local = registry[:3].T - block.origin
         seeds = np.zeros(mask.shape, dtype=bool)
         seeds[tuple(peaks.T)] = True
-        seeds[: c0 - w0] = False  # below the core, the seeds registered by earlier cores stand
-        registry = self._registry[:, self._registry[0] >= w0]
-        seeds[registry[0] - w0, registry[1], registry[2]] = True
+        seeds[tuple(local.T)] = True
         markers = cc3d.connected_components(seeds, connectivity=6).astype(np.int32, copy=False)
-        n = int(markers.max())
-        lut = self._marker_ids(markers, n, registry, w0)
-        self._link_pending(markers, lut, w0)
+        lut = self._marker_ids(markers, int(markers.max()), registry[3], markers[tuple(local.T)])
+        self._link_pending(markers, lut, block)
         if self.output.kind == "boundary":
             flooded = flood(image, markers, components, confined=False)
             clear_background(flooded, mask, sampling=self.sampling, threads=threads)
         else:
             flooded = flood(-distance, markers, components, confined=True)
         del distance, components
-        core = lut.astype(np.uint32)[flooded[c0 - w0 : c1 - w0]]
-        if self.edges is not None:
-            self._add_edges(self.edges, core, image[c0 - w0 : c1 - w0])
-        z, y, x = np.nonzero(seeds)
-        ids = lut[markers[z, y, x]]
-        z = z + w0
-        keep_old = self._registry[:, self._registry[0] >= c1 - self.halo]
-        new = (z >= max(c0, c1 - self.halo)) & (z < c1)
-        self._registry = np.concatenate([keep_old, np.stack([z[new], y[new], x[new], ids[new]])], axis=1)
-        # Seeds above the core matter only where they flooded into it; the next window must confirm those.
-        upper = (z >= c1) & np.isin(ids, np.unique(core))
-        self._pending = np.stack([z[upper], y[upper], x[upper], ids[upper]])
-        return core
+        labels = lut.astype(np.uint32)[flooded[block.local()]]
+        at = np.argwhere(seeds)
+        ids = lut[markers[tuple(at.T)]]
+        at += block.origin
+        mine = block.contains(at)
+        self._registry = np.concatenate([self._registry, np.vstack([at[mine].T, ids[mine]])], axis=1)
+        # Seeds of blocks not yet done matter only where they flooded into this one; their blocks confirm them.
+        later = ~mine & ~block.done(at) & np.isin(ids, np.unique(labels))
+        self._pending = np.concatenate([self._pending, np.vstack([at[later].T, ids[later]])], axis=1)
+        return labels
 
     def _add_edges(self, edges: EdgeTable, core: NDArray[np.uint32], boundary: NDArray[np.float32]) -> None:
         """The core's faces, and those to the previous core's last plane, into the region graph."""
@@ -270,23 +329,24 @@ class SlabLabeler:
             pairs = np.array(merges, dtype=np.int64)
             self.ids.union(pairs[:, 0], pairs[:, 1])
 
-    def _marker_ids(self, markers: NDArray[np.int32], n: int, registry: NDArray[np.int64], w0: int) -> NDArray[np.int64]:
-        """Global id of each window marker: the registered id it contains, else a new one (in marker order)."""
+    def _marker_ids(self, markers: NDArray[np.int32], n: int, registered: NDArray[np.int64], at: NDArray[np.int32]) -> NDArray[np.int64]:
+        """Global id of each window marker: the registered id it contains (``registered[i]`` lies in marker
+        ``at[i]``), else a new one (in marker order)."""
         lut = np.zeros(n + 1, dtype=np.int64)
-        if registry.shape[1]:
-            local = markers[registry[0] - w0, registry[1], registry[2]]
-            lut[local] = registry[3]
-            self.ids.union(registry[3], lut[local])  # one marker holding several registered ids: one cell
+        if len(registered):
+            lut[at] = registered
+            self.ids.union(registered, lut[at])  # one marker holding several registered ids: one cell
         fresh = np.flatnonzero(lut[1:] == 0) + 1
         lut[fresh] = self.ids.add(len(fresh))
         return lut
 
-    def _link_pending(self, markers: NDArray[np.int32], lut: NDArray[np.int64], w0: int) -> None:
-        """Join the seeds the previous window saw in its upper halo with the markers found here."""
-        pending, self._pending = self._pending, np.zeros((4, 0), dtype=np.int64)
+    def _link_pending(self, markers: NDArray[np.int32], lut: NDArray[np.int64], block: _Block) -> None:
+        """Join the seeds earlier windows saw in this block with the markers found here."""
+        here = block.contains(self._pending[:3].T)
+        pending, self._pending = self._pending[:, here], self._pending[:, ~here]
         if not pending.shape[1]:
             return
-        local = markers[pending[0] - w0, pending[1], pending[2]]
+        local = markers[tuple((pending[:3].T - block.origin).T)]
         hit = local > 0
         self.ids.union(pending[3][hit], lut[local[hit]])
         self.orphan_seeds += len(np.setdiff1d(np.unique(pending[3]), pending[3][hit]))

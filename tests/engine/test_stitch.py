@@ -14,11 +14,12 @@ BOUNDARY = OutputSpec(kind="boundary", channel=0, names=("boundary", "interior")
 FOREGROUND = OutputSpec(kind="foreground", channel=0, names=("foreground",))
 
 
-def slabbed(probs, *, output, spec, depth, halo, chunk=5, sampling=None, store=None):
+def slabbed(probs, *, output, spec, depth, halo, chunk=5, sampling=None, store=None, tile=None):
     """Push ``probs`` in ``chunk``-plane pieces through a SlabLabeler; final labels and the labeler."""
     shape = probs.shape[1:]
     store = store or MemoryLabelStore(shape)
-    labeler = SlabLabeler(shape, output=output, spec=spec, sampling=sampling, depth=depth, halo=halo, store=store, threads=1)
+    labeler = SlabLabeler(shape, output=output, spec=spec, sampling=sampling, depth=depth, halo=halo, store=store, threads=1,
+                          tile=tile)
     done = sum(labeler.push(z0, probs[:, z0 : z0 + chunk]) for z0 in range(0, shape[0], chunk))
     assert done == np.prod(shape)
     final = labeler.finish()
@@ -47,6 +48,21 @@ def saturated() -> np.ndarray:
 @pytest.fixture(scope="module")
 def nuclei() -> np.ndarray:
     return nuclei_probs((60, 48, 52), seed=2)
+
+
+@pytest.fixture(scope="module")
+def wide() -> np.ndarray:
+    return membrane_probs((36, 96, 100), seed=3)
+
+
+def crossing_tiles(labels: np.ndarray, tile: int) -> int:
+    """How many cells have voxels on both sides of some xy tile border."""
+    crossing = set()
+    for axis in (1, 2):
+        for border in range(tile, labels.shape[axis], tile):
+            below, above = (set(np.unique(part)) for part in np.split(labels, [border], axis=axis))
+            crossing |= (below & above) - {0}
+    return len(crossing)
 
 
 def u_shapes(shape=(40, 20, 30)) -> np.ndarray:
@@ -169,3 +185,36 @@ def test_union_find_grows_and_joins() -> None:
     uf.union([5, 7, 2999], [7, 9, 5])
     roots = uf.roots()
     assert roots[9] == roots[7] == roots[2999] == 5 and roots[6] == 6 and roots[0] == 0
+
+
+@pytest.mark.parametrize("depth, halo, tile", [(36, 20, 24), (12, 16, 40), (16, 16, 30)])
+@pytest.mark.parametrize("merge", [None, 0.5])
+def test_watershed_in_xy_tiles_equals_whole_volume(wide: np.ndarray, depth: int, halo: int, tile: int, merge) -> None:
+    """Cores labelled in xy tiles, each in a window of the halo around it, give the whole-volume watershed
+    (and agglomeration) when the halo exceeds the cells, as the z halo does: cells crossing tile borders
+    keep one id, no seed is left unconfirmed."""
+    spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=3, label_threshd=5, merge_threshold=merge)
+    whole = label_cells(wide, output=BOUNDARY, spec=spec, threads=1)
+    got, labeler, final = slabbed(wide, output=BOUNDARY, spec=spec, depth=depth, halo=halo, tile=tile)
+    assert crossing_tiles(whole, tile) > 30
+    assert final.n_cells == whole.max()
+    assert same_up_to_permutation(whole, got), f"{differing_fraction(whole, got):.5f} of voxels differ"
+    assert labeler.orphan_seeds == 0
+
+
+def test_foreground_watershed_in_xy_tiles_reaches_as_far_as_the_z_halo(nuclei: np.ndarray) -> None:
+    """With z voxels 1.5x the xy pixel, the xy halo is 1.5x the planes (the same distance), and tiles of
+    nuclei give the whole-volume watershed."""
+    spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=3, label_threshd=5)
+    whole = label_cells(nuclei, output=FOREGROUND, spec=spec, sampling=(1.5, 1.0, 1.0), threads=1)
+    got, labeler, _ = slabbed(nuclei, output=FOREGROUND, spec=spec, depth=16, halo=12, sampling=(1.5, 1.0, 1.0), tile=20)
+    assert labeler.halo_xy == 18 and crossing_tiles(whole, 20) > 5
+    assert same_up_to_permutation(whole, got), f"{differing_fraction(whole, got):.5f} of voxels differ"
+
+
+def test_too_small_an_xy_halo_differs_and_is_flagged(wide: np.ndarray) -> None:
+    """Tiles whose windows are narrower than the cells split them at tile borders, and say so."""
+    spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=3, label_threshd=5)
+    whole = label_cells(wide, output=BOUNDARY, spec=spec, threads=1)
+    got, labeler, _ = slabbed(wide, output=BOUNDARY, spec=spec, depth=36, halo=2, tile=24)
+    assert differing_fraction(whole, got) > 0.01 and labeler.orphan_seeds > 0
