@@ -6,7 +6,10 @@ built for a patch keep it: ``Backend.can_grow_patch``) and batch that fit the fr
 measurements: one forward pass at batch 1 and 2 per candidate
 patch gives ``bytes(batch) = base + batch * per_patch``. Measurements are cached per device, backend,
 precision and bundle in a small JSON file, so only the first run on a device pays for them. On the CPU the
-bundle's patch is kept (bigger patches are not faster there) and the batch is 1.
+bundle's patch is kept (bigger patches are not faster there) and the batch is 1, unless the network's
+activations for it would exceed the host memory given to them: then the patch's widest side is halved
+until they fit (:func:`activation_bytes_per_voxel`; the default model needs ~0.7 KB per patch voxel, so a
+64x256x256 patch alone would take 2.7 GiB).
 
 :class:`BackoffRunner` wraps a backend's ``run``: on ``torch.cuda.OutOfMemoryError`` it halves the batch and
 runs the same patches again in halves, so nothing already blended is lost, and keeps the smaller batch.
@@ -28,15 +31,17 @@ import torch
 from .backends import Backend
 from .bundle import Bundle
 from .errors import InputError
+from .models import build_model
 from .tiling import fit_patch_shape
 
-__all__ = ["MEMORY_MARGIN", "BackoffRunner", "Fit", "default_cache_dir", "fit_tiling"]
+__all__ = ["MEMORY_MARGIN", "BackoffRunner", "Fit", "activation_bytes_per_voxel", "default_cache_dir", "fit_tiling"]
 
 logger = logging.getLogger(__name__)
 
 MEMORY_MARGIN = 0.8  # use at most this fraction of the free device memory
 MAX_BATCH = 32
 MAX_PATCH_VOXELS = 256**3
+MIN_CPU_PATCH = (32, 64, 64)  # a patch shrunk to the host memory keeps at least this (the training crop)
 _SCALES_YX = (1.0, 1.5, 2.0, 3.0, 4.0)
 _SCALES_Z = (1.0, 1.5, 2.0)
 _CACHE_VERSION = 1
@@ -51,8 +56,9 @@ class Fit:
     Attributes:
         patch_shape: ``(z, y, x)``.
         batch_size: patches per network call.
-        source: ``options`` (the caller fixed both), ``bundle`` (CPU: the bundle's patch), ``measured`` or
-            ``cache`` (CUDA: fitted to the free memory).
+        source: ``options`` (the caller fixed both), ``bundle`` (CPU: the bundle's patch), ``host memory``
+            (CPU: the bundle's patch shrunk to the host memory), ``measured`` or ``cache`` (CUDA: fitted to the
+            free memory).
     """
 
     patch_shape: tuple[int, int, int]
@@ -77,6 +83,45 @@ def _candidates(base: Sequence[int], volume_shape: Sequence[int], divisor: int) 
             if math.prod(fitted) <= MAX_PATCH_VOXELS:
                 found.add(fitted)
     return sorted(found, key=lambda p: (math.prod(p), p))
+
+
+def activation_bytes_per_voxel(bundle: Bundle, /) -> float:
+    """Host bytes per patch voxel the network's activations take at most: every layer's output counted as
+    alive at once, from forward hooks on the bundle's architecture over a small input (a few ms; 966 bytes
+    for the default model, whose measured peak is ~700)."""
+    model = build_model(bundle.architecture, bundle.arch_kwargs).eval()
+    total = 0
+
+    def count(_module: torch.nn.Module, _inputs: object, output: object) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    x = torch.zeros(1, bundle.in_channels, 2 * bundle.divisor, 4 * bundle.divisor, 4 * bundle.divisor)
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total / (x.numel() / bundle.in_channels)
+
+
+def _within_host_memory(patch: tuple[int, int, int], cost: Callable[[tuple[int, int, int]], float], host_bytes: float,
+                        divisor: int) -> tuple[int, int, int]:
+    """``patch`` with one side at a time halved (to a multiple of ``divisor``), whichever saves the most
+    ``cost``, until the cost fits ``host_bytes`` or no side can shrink below :data:`MIN_CPU_PATCH` (the
+    network needs that much context)."""
+    floor = [min(p, max(divisor, m)) for p, m in zip(patch, MIN_CPU_PATCH)]
+    while cost(patch) > host_bytes:
+        halved = [tuple(max(floor[a], math.ceil(s / 2 / divisor) * divisor) if a == axis else s for a, s in enumerate(patch))
+                  for axis in range(3) if patch[axis] > floor[axis]]
+        if not halved:
+            break
+        best = min(halved, key=lambda p: (cost(p), max(p)))  # on a tie, the squarer patch
+        patch = (best[0], best[1], best[2])
+    return patch
 
 
 def _bundle_fingerprint(bundle: Bundle) -> str:
@@ -126,6 +171,7 @@ def fit_tiling(
     patch_shape: tuple[int, int, int] | None = None,
     batch_size: int | None = None,
     reserve_bytes: Callable[[tuple[int, int, int]], float] = lambda patch: 0.0,
+    host_bytes: float | None = None,
     cache_dir: Path | None = None,
     measure: Measure | None = None,
     free_bytes: float | None = None,
@@ -139,6 +185,8 @@ def fit_tiling(
         volume_shape: ``(Z, Y, X)``.
         patch_shape, batch_size: fixed by the caller (None: fitted).
         reserve_bytes: device bytes needed beside the network for a patch, e.g. the slab accumulator.
+        host_bytes: on the CPU, the host memory the network's activations and ``reserve_bytes`` may take
+            together (None: no limit); torch backends only, the others keep the patch they were built for.
         cache_dir: where measurements are cached (None: :func:`default_cache_dir`).
         measure, free_bytes, device_key: test hooks standing in for the CUDA measurement, the free device
             memory and the device's identity.
@@ -152,8 +200,13 @@ def fit_tiling(
     on_cuda = backend.device.type == "cuda" or measure is not None
     if not on_cuda or (patch_shape is not None and batch_size is not None):
         patch = fit_patch_shape(volume_shape, patch_shape or bundle.patch_shape, divisor)
+        source = "options" if patch_shape and batch_size else "bundle"
+        if patch_shape is None and host_bytes is not None and backend.can_grow_patch:
+            per_voxel = activation_bytes_per_voxel(bundle)
+            fitted = _within_host_memory(patch, lambda p: per_voxel * math.prod(p) + reserve_bytes(p), host_bytes, divisor)
+            source, patch = (source if fitted == patch else "host memory"), fitted
         default_batch = 1 if backend.device.type == "cpu" else 4
-        return Fit(patch, batch_size or default_batch, "options" if patch_shape and batch_size else "bundle")
+        return Fit(patch, batch_size or default_batch, source)
     if measure is None:
         measure = _measure_cuda(backend, bundle.in_channels)
     if free_bytes is None:

@@ -43,7 +43,8 @@ class RunReport:
     """What ran and how long each stage took (seconds).
 
     The stages overlap when a volume is streamed, so their sum can exceed ``wall_s``. ``n_slabs`` > 1
-    means the volume was streamed in ``slab_depth``-plane slabs with ``halo`` planes of watershed halo;
+    means the volume was streamed in ``slab_depth``-plane slabs with ``halo`` planes of watershed halo,
+    labelled in ``label_tile`` x ``label_tile`` xy tiles when that is set (0: whole planes);
     ``orphan_seeds`` counts seeds beyond a slab that flooded into it but that the next slab did not find
     (a sign the halo is too small, see :mod:`engine.labels.slabs`). ``oom_retries``: times the batch was halved
     after the device ran out of memory; ``batch_size`` is the batch in use at the end. ``fit``: where the
@@ -62,6 +63,7 @@ class RunReport:
     timings: dict[str, float] = field(default_factory=dict)
     slab_depth: int = 0
     halo: int = 0
+    label_tile: int = 0
     n_slabs: int = 0
     orphan_seeds: int = 0
     oom_retries: int = 0
@@ -81,6 +83,7 @@ class RunReport:
         stages = " ".join(f"{k}={v:.2f}s" for k, v in self.timings.items())
         patch = "x".join(map(str, self.patch_shape))
         slabs = f" slabs={self.n_slabs}x{self.slab_depth}+halo{self.halo}" if self.n_slabs > 1 else ""
+        slabs += f" tiles={self.label_tile}" if self.label_tile else ""
         scale = self.scale.describe() if self.scale else "scale=?"
         return (
             f"{self.n_cells} cells | backend={self.backend} precision={self.precision} device={self.device} "

@@ -32,6 +32,9 @@ __all__ = ["DEFAULT_MEMORY_BYTES", "RunPlan", "SegmentOptions", "SlabPlan", "ava
 logger = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BYTES = 2 * 2**30
+NETWORK_SHARE = 0.4  # of the budget, for the CPU network's activations and one patch row's accumulators
+LABEL_SHARE = 0.4  # for a labelling window; the full planes it is cut from take at most PLANES_SHARE
+PLANES_SHARE = 0.2
 # Host bytes per voxel of each working buffer, measured on 64x256x256 stacks (see tests/engine/test_streaming.py).
 POSTPROCESS_BYTES = {"watershed": 72, "components": 24}
 _MIN_DEPTH = 8
@@ -84,11 +87,13 @@ class SegmentOptions:
 @dataclass(frozen=True)
 class SlabPlan:
     """How a volume is cut: ``depth`` planes per post-processing core, ``halo`` planes each side of it,
-    ``rows_per_group`` patch rows per inference group (None: all in one)."""
+    ``rows_per_group`` patch rows per inference group (None: all in one), ``tile`` the side of the xy tiles
+    a core is labelled in (None: whole planes)."""
 
     depth: int
     halo: int
     rows_per_group: int | None
+    tile: int | None = None
 
     def n_slabs(self, z: int, /) -> int:
         return -(-z // self.depth)
@@ -151,18 +156,41 @@ def plan_slabs(
     if depth is None and outputs + (infer_bytes + post_bytes) * max(z, pz) * plane <= budget:
         return SlabPlan(depth=z, halo=0, rows_per_group=None)  # the whole volume fits: one slab, exact
     room = max(0, budget - outputs) if keep_outputs else budget
+    tile = None
     if depth is None:
-        depth = int(0.5 * room / (post_bytes * plane)) - 2 * halo
+        depth = int(LABEL_SHARE * room / (post_bytes * plane)) - 2 * halo
         if depth < max(_MIN_DEPTH, halo):
-            logger.warning(
-                "memory budget %.2f GiB is small for %dx%d planes: using %d-plane slabs with a %d-plane halo anyway",
-                budget / 2**30, y, x, max(_MIN_DEPTH, halo), halo,
-            )
-            depth = max(_MIN_DEPTH, halo)
+            depth, tile = _tiled_cores(int(LABEL_SHARE * room / post_bytes), (y, x), halo, max(_MIN_DEPTH, halo), budget)
     infer_planes = int(0.4 * room / (infer_bytes * plane))
     # Groups emit about a slab's planes each (more would only delay the labelling), within the budget.
     rows = max(1, min((infer_planes - pz) // step + 1, round(depth / step)))
-    return SlabPlan(depth=min(depth, z), halo=halo if depth < z else 0, rows_per_group=rows)
+    return SlabPlan(depth=min(depth, z), halo=halo if depth < z else 0, rows_per_group=rows, tile=tile)
+
+
+def _tiled_cores(window_voxels: int, plane: tuple[int, int], halo: int, base: int, budget: int) -> tuple[int, int]:
+    """Core depth and xy tile side for planes too wide for a whole-plane window of ``window_voxels``.
+
+    Of cores 1, 2 or 4 times ``base`` deep, the one that labels each voxel the fewest times (windows
+    overlap by the halo in z, y and x) while its full planes (4 bytes of probability a voxel over the
+    window's planes, 4 of labels over the core's) stay within :data:`PLANES_SHARE` of the budget.
+    """
+    side, best = max(plane), None
+    for depth in (base, 2 * base, 4 * base):
+        widest = math.isqrt(max(0, window_voxels // (depth + 2 * halo))) - 2 * halo
+        if widest < max(2 * halo, 16) or 4 * (2 * depth + 2 * halo) * plane[0] * plane[1] > PLANES_SHARE * budget:
+            continue
+        tile = -(-side // -(-side // widest))  # equal tiles, each at most ``widest``
+        repeats = (depth + 2 * halo) / depth * ((tile + 2 * halo) / tile) ** 2
+        if best is None or repeats < best[0]:
+            best = (repeats, depth, tile)
+    if best is None:
+        tile = max(2 * halo, 16)
+        logger.warning(
+            "memory budget %.2f GiB is small for %dx%d planes: labelling %d-plane cores in %dx%d tiles with a %d-voxel halo anyway",
+            budget / 2**30, plane[0], plane[1], base, tile, tile, halo,
+        )
+        return base, tile
+    return best[1], best[2]
 
 
 def _postprocess_spec(bundle: Bundle, options: SegmentOptions) -> PostprocessSpec:
@@ -193,6 +221,24 @@ def check_options(options: SegmentOptions, /) -> None:
         raise InputError(f"rescale must be 'auto' or 'off', got {options.rescale!r}")
 
 
+def memory_budget(options: SegmentOptions, /) -> int:
+    """The host working-memory budget: the caller's, else :data:`DEFAULT_MEMORY_BYTES`, at most half the
+    available memory."""
+    if options.memory_limit_gib:
+        return int(options.memory_limit_gib * 2**30)
+    return min(DEFAULT_MEMORY_BYTES, available_memory() // 2)
+
+
+def _network_bytes(budget: int, bundle: Bundle, options: SegmentOptions, model_shape: tuple[int, int, int]) -> float:
+    """Host bytes for the CPU network: :data:`NETWORK_SHARE` of the budget, or all that a one-slab run's
+    labels, probabilities and labelling leave (the whole volume is then labelled at once)."""
+    k = len(bundle.output.names)
+    spec = _postprocess_spec(bundle, options)
+    voxels = math.prod(model_shape)
+    whole = (POSTPROCESS_BYTES.get(spec.method, 72) + 8 * k + 4) * voxels
+    return max(NETWORK_SHARE * budget, budget - whole)
+
+
 def _tiling(
     bundle: Bundle, options: SegmentOptions, shape: tuple[int, int, int], backend: Backend, scale: ScalePlan
 ) -> tuple[TilingConfig, str, tuple[int, int, int]]:
@@ -203,7 +249,8 @@ def _tiling(
     padded_plane = lambda patch: max(model_shape[1], patch[1]) * max(model_shape[2], patch[2])  # noqa: E731
     fit = fit_tiling(
         bundle, backend, model_shape, patch_shape=options.patch_shape, batch_size=options.batch_size,
-        reserve_bytes=lambda patch: 4.0 * (k + 1) * patch[0] * padded_plane(patch),
+        reserve_bytes=lambda patch: 4.0 * (k + 1 + 2 * bundle.in_channels) * patch[0] * padded_plane(patch),
+        host_bytes=_network_bytes(memory_budget(options), bundle, options, model_shape),
     )
     config = TilingConfig(
         patch_shape=scale.input_patch(fit.patch_shape, shape),
@@ -268,9 +315,9 @@ def plan_run(
     scale = _scale(source, stats, bundle, options, voxel_size_um, backend)
     spec = scale.postprocess(_postprocess_spec(bundle, options))
     tiling, fit, model_patch = _tiling(bundle, options, (z, y, x), backend, scale)
-    memory = int(options.memory_limit_gib * 2**30) if options.memory_limit_gib else None
     slabs = plan_slabs(
         (c, z, y, x), grid_config=tiling, out_channels=len(bundle.output.names), spec=spec, depth=options.slab_depth,
-        halo=_halo(options, spec, scale), memory_bytes=memory, keep_outputs=keep_outputs, device_type=backend.device.type,
+        halo=_halo(options, spec, scale), memory_bytes=memory_budget(options), keep_outputs=keep_outputs,
+        device_type=backend.device.type,
     )
     return RunPlan(spec, scale, tiling, model_patch, fit, slabs, SlabGrid((z, y, x), tiling, slabs.rows_per_group))

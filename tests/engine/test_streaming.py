@@ -259,6 +259,23 @@ def test_plan_slabs_sizes_from_the_budget(caplog) -> None:
     assert tight.depth == 12 and "small" in caplog.text
 
 
+def test_wide_planes_are_labelled_in_xy_tiles_within_the_budget() -> None:
+    """1024x1024 planes with a 16-plane halo in 2 GiB: whole-plane windows (48 planes x 1M voxels x 76
+    bytes = 3.6 GiB) cannot fit, so cores are labelled in tiles whose windows take LABEL_SHARE at most,
+    and the full planes held for them PLANES_SHARE at most."""
+    from engine.run_plan import LABEL_SHARE, PLANES_SHARE, POSTPROCESS_BYTES
+
+    config = TilingConfig(patch_shape=(32, 64, 128), overlap=0.25)
+    spec = PostprocessSpec(method="watershed", min_dist=8)
+    plan = plan_slabs((1, 128, 1024, 1024), grid_config=config, out_channels=1, spec=spec, halo=16, memory_bytes=2**31)
+    assert plan.tile is not None and plan.tile < 1024 and plan.halo == 16
+    window = (plan.depth + 2 * plan.halo) * (plan.tile + 2 * plan.halo) ** 2
+    assert window * (POSTPROCESS_BYTES["watershed"] + 4) <= LABEL_SHARE * 2**31
+    assert 4 * (2 * plan.depth + 2 * plan.halo) * 1024 * 1024 <= PLANES_SHARE * 2**31
+    narrow = plan_slabs((1, 128, 256, 256), grid_config=config, out_channels=1, spec=spec, halo=16, memory_bytes=2**31)
+    assert narrow.tile is None  # whole planes fit
+
+
 @pytest.mark.parametrize("options, match", [
     (SegmentOptions(slab_depth=0), "slab depth"),
     (SegmentOptions(halo=-1), "halo"),
