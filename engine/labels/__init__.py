@@ -4,10 +4,11 @@ The steps, one module each: :mod:`.distance` (distance transform of the threshol
 clearing), :mod:`.seeds` (distance maxima at least ``min_dist`` apart within a cell), :mod:`.flood` (the
 seeded watershed), :mod:`.graph` (region adjacency graph and average-linkage agglomeration), and
 :mod:`.slabs` (the slab labeller that runs them core by core, stitches ids across slab borders and keeps
-provisional labels in :mod:`.stores`;
+provisional labels in :mod:`.stores`, joining ids with :mod:`.union_find`;
 :func:`label_cells` is its one-core case, as ``sliding_window`` is the one-group case of the slab
 inference). Field libraries do the heavy array work where they measured faster: seung-lab's ``edt``
-(anisotropic distance transforms), ``cc3d`` (connected components).
+(anisotropic distance transforms), ``cc3d`` (connected components). :mod:`.device` has the array steps
+as torch ops for the device that ran the network, equal to these on the CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from .distance import clear_background, distance_transform
 from .flood import flood
 from .graph import EdgeTable, agglomerate
 from .seeds import find_seeds, interior_of, interior_probability
-from .slabs import FileLabelStore, FinalLabels, MemoryLabelStore, SlabLabeler, UnionFind, label_cells
+from .slabs import FileLabelStore, FinalLabels, MemoryLabelStore, SlabLabeler, label_cells
+from .union_find import UnionFind
 
 __all__ = [
     "EdgeTable",

@@ -12,7 +12,8 @@ Exactness, method by method:
   :func:`label_cells` (the one-core case) on the whole volume up to a permutation of ids, for any depth.
 - ``watershed``: seeds and flooding are not local (a distance-transform maximum depends on the nearest
   background, a flood on the whole basin), so each core is processed inside a window of ``halo`` extra
-  planes on both sides. Seeds found in a core are registered with global ids; the next window reuses
+  planes on both sides (and, when planes are too wide for the memory budget, in xy tiles, each inside a
+  window as far around it in y and x: the same rules below hold for tiles as for cores). Seeds found in a core are registered with global ids; the next window reuses
   them in its lower halo instead of recomputing them, and links the seeds it finds where the previous
   window saw seeds in its upper halo that flooded into the core (a cell crossing a border keeps its
   seed's id on both sides). The result equals the whole-volume watershed up to a permutation of ids when
@@ -44,58 +45,9 @@ from .flood import flood
 from .graph import EdgeTable, agglomerate
 from .seeds import find_seeds, interior_of
 from .stores import FileLabelStore, MemoryLabelStore
+from .union_find import UnionFind
 
-__all__ = ["FileLabelStore", "FinalLabels", "MemoryLabelStore", "SlabLabeler", "UnionFind", "label_cells"]
-
-_MAX_ID = 2**32 - 1
-
-
-class UnionFind:
-    """Disjoint sets over ids ``0..n-1`` that can grow; the smaller id of a set is its root."""
-
-    def __init__(self) -> None:
-        self._parent = np.zeros(1024, dtype=np.int64)
-        self._n = 1  # id 0 is the background and never joins anything
-
-    def __len__(self) -> int:
-        return self._n
-
-    def add(self, count: int, /) -> NDArray[np.int64]:
-        """``count`` new singleton ids, consecutive."""
-        first, self._n = self._n, self._n + count
-        if self._n > _MAX_ID:
-            raise OverflowError(f"more than {_MAX_ID} provisional labels")
-        if self._n > len(self._parent):
-            grown = np.zeros(max(self._n, 2 * len(self._parent)), dtype=np.int64)
-            grown[: len(self._parent)] = self._parent
-            self._parent = grown
-        ids = np.arange(first, self._n, dtype=np.int64)
-        self._parent[first : self._n] = ids
-        return ids
-
-    def _find(self, x: int) -> int:
-        parent = self._parent
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = int(parent[x])
-        return x
-
-    def union(self, a: Sequence[int] | NDArray[np.integer], b: Sequence[int] | NDArray[np.integer], /) -> None:
-        """Join ``a[i]`` and ``b[i]`` for every ``i``."""
-        for x, y in zip(np.asarray(a).tolist(), np.asarray(b).tolist()):
-            rx, ry = self._find(x), self._find(y)
-            if rx != ry:
-                self._parent[max(rx, ry)] = min(rx, ry)
-
-    def roots(self) -> NDArray[np.int64]:
-        """The root of every id ``0..n-1``."""
-        parent = self._parent[: self._n].copy()
-        while True:
-            up = parent[parent]
-            if np.array_equal(up, parent):
-                return parent
-            parent = up
-
+__all__ = ["FileLabelStore", "FinalLabels", "MemoryLabelStore", "SlabLabeler", "label_cells"]
 
 @dataclass(frozen=True)
 class FinalLabels:
