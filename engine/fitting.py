@@ -7,8 +7,8 @@ measurements: one forward pass at batch 1 and 2 per candidate
 patch gives ``bytes(batch) = base + batch * per_patch``. Measurements are cached per device, backend,
 precision and bundle in a small JSON file, so only the first run on a device pays for them. On the CPU the
 bundle's patch is kept (bigger patches are not faster there) and the batch is 1, unless the network's
-activations for it would exceed the host memory given to them: then the patch's widest side is halved
-until they fit (:func:`activation_bytes_per_voxel`; the default model needs ~0.7 KB per patch voxel, so a
+activations for it would exceed the host memory given to them (a streamed volume, or a ``--memory-limit``):
+then the patch is halved, one side at a time, until they fit (:func:`activation_bytes_per_voxel`; the default model needs ~0.7 KB per patch voxel, so a
 64x256x256 patch alone would take 2.7 GiB).
 
 :class:`BackoffRunner` wraps a backend's ``run``: on ``torch.cuda.OutOfMemoryError`` it halves the batch and

@@ -229,14 +229,17 @@ def memory_budget(options: SegmentOptions, /) -> int:
     return min(DEFAULT_MEMORY_BYTES, available_memory() // 2)
 
 
-def _network_bytes(budget: int, bundle: Bundle, options: SegmentOptions, model_shape: tuple[int, int, int]) -> float:
-    """Host bytes for the CPU network: :data:`NETWORK_SHARE` of the budget, or all that a one-slab run's
-    labels, probabilities and labelling leave (the whole volume is then labelled at once)."""
+def _network_bytes(budget: int, bundle: Bundle, options: SegmentOptions, model_shape: tuple[int, int, int]) -> float | None:
+    """Host bytes for the CPU network's activations: :data:`NETWORK_SHARE` of the budget when the volume
+    is streamed or the caller set a memory limit; else None (the bundle's patch, which is fastest: a volume
+    whose labels, probabilities and labelling fit the budget in one slab then takes at most one patch's
+    activations more)."""
     k = len(bundle.output.names)
     spec = _postprocess_spec(bundle, options)
-    voxels = math.prod(model_shape)
-    whole = (POSTPROCESS_BYTES.get(spec.method, 72) + 8 * k + 4) * voxels
-    return max(NETWORK_SHARE * budget, budget - whole)
+    whole = (POSTPROCESS_BYTES.get(spec.method, 72) + 8 * k + 4 + 8 * bundle.in_channels) * math.prod(model_shape)
+    if options.memory_limit_gib is None and whole <= budget:
+        return None
+    return NETWORK_SHARE * budget
 
 
 def _tiling(
