@@ -67,10 +67,12 @@ import dataclasses
 import json
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import sys
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -78,10 +80,24 @@ import torch
 import torch.nn.functional as F
 
 from engine.backends.torch_backend import cpu_has_native_bf16
-from engine.bundle import DEFAULT_BUNDLE_DIR, Bundle, OutputSpec, PostprocessSpec, load_bundle, make_bundle
+from engine.bundle import (
+    DEFAULT_BUNDLE_DIR,
+    Bundle,
+    OutputSpec,
+    PostprocessSpec,
+    load_bundle,
+    make_bundle,
+)
 from engine.models.unet3d import UNet3D
 
-from .data import NORMALIZATION, TRAIN_SEED_BASE, DataSettings, make_train_volume, sample_crop
+from .data import (
+    NORMALIZATION,
+    TRAIN_SEED_BASE,
+    DataSettings,
+    TrainVolume,
+    make_train_volume,
+    sample_crop,
+)
 
 __all__ = ["ARCH_KWARGS", "TrainConfig", "build_parser", "main", "bundle_template", "train"]
 
@@ -108,6 +124,9 @@ class TrainConfig:
     refresh_every: float = 4.0
     bf16: bool = True
     threads: int = 2
+    device: str = "cpu"
+    workers: int = 0
+    time_limit_s: float = 0.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool-size", type=int, default=defaults.pool_size, help="Default: %(default)s")
     parser.add_argument("--no-bf16", action="store_true", help="train in fp32 even where the CPU has bf16")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="Default: %(default)s")
+    parser.add_argument("--device", default=defaults.device,
+                        help="where the steps run: cpu, or cuda on a GPU host (bf16 autocast where it is supported). Default: %(default)s")
+    parser.add_argument("--time-limit", type=float, default=defaults.time_limit_s,
+                        help="stop after this many seconds of training, the learning rate decayed over them "
+                             "(0: run --steps; a time-limited run resumes, but not bit for bit). Default: %(default)s")
+    parser.add_argument("--workers", type=int, default=defaults.workers,
+                        help="processes that make the next training volumes ahead of the steps (0: made in "
+                             "the training loop; a GPU step is much faster than one volume). Default: %(default)s")
     parser.add_argument("--p-tissue", type=float, default=0.0,
                         help="fraction of training volumes from engine.tissue (wide randomization). Default: %(default)s")
     parser.add_argument("--save-every", type=int, default=100, help="Default: %(default)s")
@@ -133,10 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _lr_at(step: int, config: TrainConfig) -> float:
+def _lr_at(step: int, config: TrainConfig, elapsed: float = 0.0) -> float:
+    """Warm-up, then cosine decay over the steps, or over the time limit when that comes first."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    if config.time_limit_s > 0:
+        progress = max(progress, elapsed / config.time_limit_s)
     return config.lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -147,6 +177,32 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     prob = torch.sigmoid(logits)
     dice = 1.0 - (2.0 * (prob * target).sum() + 1.0) / (prob.sum() + target.sum() + 1.0)
     return bce + dice
+
+
+class _VolumeFeed:
+    """Training volumes by seed, seeds asked for in increasing order; with ``workers`` > 0 the next
+    ``2 * workers`` are made ahead in other processes (a volume depends only on its seed, so the run is
+    the same either way)."""
+
+    def __init__(self, settings: DataSettings, workers: int) -> None:
+        self.settings = settings
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 0 else None
+        self._ahead = 2 * workers
+        self._futures: dict[int, Future[TrainVolume]] = {}
+
+    def get(self, seed: int) -> TrainVolume:
+        if self._pool is None:
+            return make_train_volume(seed, self.settings)
+        for s in range(seed, seed + self._ahead + 1):
+            if s not in self._futures:
+                self._futures[s] = self._pool.submit(make_train_volume, s, self.settings)
+        for s in [s for s in self._futures if s < seed]:
+            self._futures.pop(s).cancel()
+        return self._futures.pop(seed).result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _save(path: Path, state: dict) -> None:
@@ -175,9 +231,10 @@ def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save
     """
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    bf16 = config.bf16 and cpu_has_native_bf16()
+    device = torch.device(config.device)
+    bf16 = config.bf16 and (torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16())
     model = UNet3D(**{k: v for k, v in ARCH_KWARGS.items() if k not in ("in_channels", "out_channels")},
-                   in_channels=1, out_channels=1).to(memory_format=torch.channels_last_3d)
+                   in_channels=1, out_channels=1).to(device=device, memory_format=torch.channels_last_3d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
     step, elapsed, losses = 0, 0.0, []
@@ -198,7 +255,9 @@ def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save
     elif init is not None:
         _init_weights(model, init)
     history.append([step, config.steps])  # [first step, --steps] of each (re)started run
-    pool = [make_train_volume(s, settings) for s in pool_seeds]
+    feed = _VolumeFeed(settings, config.workers)
+    made = {s: feed.get(s) for s in sorted(pool_seeds)}
+    pool = [made.pop(s) for s in pool_seeds]
 
     def snapshot() -> dict:
         return {
@@ -211,17 +270,17 @@ def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save
 
     model.train()
     started, window = time.perf_counter() - elapsed, []
-    while step < config.steps:
+    while step < config.steps and not (config.time_limit_s > 0 and elapsed >= config.time_limit_s):
         if rng.random() < 1.0 / config.refresh_every:
             slot = int(rng.integers(0, len(pool)))
-            pool[slot], pool_seeds[slot] = make_train_volume(next_seed, settings), next_seed
+            pool[slot], pool_seeds[slot] = feed.get(next_seed), next_seed
             next_seed += 1
         crops = [sample_crop(pool[int(rng.integers(0, len(pool)))], rng, settings) for _ in range(config.batch_size)]
-        x = torch.from_numpy(np.stack([c[0] for c in crops])[:, None]).contiguous(memory_format=torch.channels_last_3d)
-        y = torch.from_numpy(np.stack([c[1] for c in crops])[:, None])
+        x = torch.from_numpy(np.stack([c[0] for c in crops])[:, None]).to(device).contiguous(memory_format=torch.channels_last_3d)
+        y = torch.from_numpy(np.stack([c[1] for c in crops])[:, None]).to(device)
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            group["lr"] = _lr_at(step, config, elapsed)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model.forward_logits(x)
         loss = _loss(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -232,12 +291,14 @@ def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save
         window.append(loss.item())
         step += 1
         elapsed = time.perf_counter() - started
-        if step % log_every == 0 or step == config.steps:
+        last = step == config.steps or (config.time_limit_s > 0 and elapsed >= config.time_limit_s)
+        if step % log_every == 0 or last:
             losses.append([step, float(np.mean(window))])
-            logger.info("step %d/%d loss %.4f lr %.2e %.0f s", step, config.steps, np.mean(window), _lr_at(step - 1, config), elapsed)
+            logger.info("step %d/%d loss %.4f lr %.2e %.0f s", step, config.steps, np.mean(window), _lr_at(step - 1, config, elapsed), elapsed)
             window = []
-        if step % save_every == 0 or step == config.steps:
+        if step % save_every == 0 or last:
             _save(checkpoint, snapshot())
+    feed.close()
     return snapshot()
 
 
@@ -271,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     args = build_parser().parse_args(argv)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         pool_size=args.pool_size, bf16=not args.no_bf16, threads=args.threads)
+                         pool_size=args.pool_size, bf16=not args.no_bf16, threads=args.threads, device=args.device,
+                         workers=args.workers, time_limit_s=args.time_limit)
     settings = DataSettings(p_tissue=args.p_tissue)
     state = train(config, settings, args.checkpoint, save_every=args.save_every, log_every=args.log_every,
                   init=args.init)
@@ -289,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         "init": state["init"] or None,
         "wall_time_s": round(state["elapsed_s"], 1),
         "final_loss": state["losses"][-1][1] if state["losses"] else None,
-        "machine": f"{os.cpu_count()}-core {platform.processor() or platform.machine()} (native bf16: {cpu_has_native_bf16()}), torch {torch.__version__}",
+        "machine": f"{os.cpu_count()}-core {platform.processor() or platform.machine()} (native bf16: {cpu_has_native_bf16()}), torch {torch.__version__}"
+                   + (f", {torch.cuda.get_device_name()}" if config.device.startswith("cuda") else ""),
     }
     old = None
     if (args.bundle_out / "bundle.json").exists():
