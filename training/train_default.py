@@ -38,6 +38,11 @@ The shipped model was made in two stages (from the repository root):
    then ``python -m training.tune_postprocess --bundle /tmp/generalist_bundle`` and the bundle copied into
    ``engine/default_bundle`` (``cellseg3d export engine/default_bundle`` rewrites the ONNX files).
 
+On a GPU host, ``scripts/train_gpu.sh OUT [SECONDS]`` continues stage 3 with ``--device cuda`` (bf16
+autocast), ``--workers`` (the host's cores make the training volumes ahead of the steps; the same volumes
+as without workers) and ``--time-limit`` (the cosine decay runs over the wall clock, so the run fits one
+device call). Not run yet: no GPU host has been lent to this project's tasks so far.
+
 A new run starts from random weights, or with ``--init`` from a training checkpoint's or a bundle's
 weights (fresh optimizer, step 0, fresh data pool).
 
