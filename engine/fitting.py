@@ -6,9 +6,9 @@ built for a patch keep it: ``Backend.can_grow_patch``) and batch that fit the fr
 measurements: one forward pass at batch 1 and 2 per candidate
 patch gives ``bytes(batch) = base + batch * per_patch``. Measurements are cached per device, backend,
 precision and bundle in a small JSON file, so only the first run on a device pays for them. On the CPU the
-bundle's patch is kept (bigger patches are not faster there) and the batch is 1, unless the network's
-activations for it would exceed the host memory given to them (a streamed volume, or a ``--memory-limit``):
-then the patch is halved, one side at a time, until they fit (:func:`activation_bytes_per_voxel`; the default model needs ~0.7 KB per patch voxel, so a
+bundle's patch is kept (bigger patches are not faster there) and the batch is 1; when the host memory given
+to the network is known (a streamed volume, or a ``--memory-limit``), the patch is halved, one side at a
+time, until :data:`CPU_BATCH` patches' activations fit, and the batch is :data:`CPU_BATCH` (:func:`activation_bytes_per_voxel`; the default model needs ~0.7 KB per patch voxel, so a
 64x256x256 patch alone would take 2.7 GiB).
 
 :class:`BackoffRunner` wraps a backend's ``run``: on ``torch.cuda.OutOfMemoryError`` it halves the batch and
@@ -42,6 +42,9 @@ MEMORY_MARGIN = 0.8  # use at most this fraction of the free device memory
 MAX_BATCH = 32
 MAX_PATCH_VOXELS = 256**3
 MIN_CPU_PATCH = (32, 64, 64)  # a patch shrunk to the host memory keeps at least this (the training crop)
+# Patches per CPU call when the host memory allows: with one patch, torch takes its slow im2col 3D convolution
+# for inputs whose channels x depth x height are under 20480 (aten's use_mkldnn), ~10x slower than oneDNN's.
+CPU_BATCH = 2
 _SCALES_YX = (1.0, 1.5, 2.0, 3.0, 4.0)
 _SCALES_Z = (1.0, 1.5, 2.0)
 _CACHE_VERSION = 1
@@ -201,11 +204,14 @@ def fit_tiling(
     if not on_cuda or (patch_shape is not None and batch_size is not None):
         patch = fit_patch_shape(volume_shape, patch_shape or bundle.patch_shape, divisor)
         source = "options" if patch_shape and batch_size else "bundle"
-        if patch_shape is None and host_bytes is not None and backend.can_grow_patch:
-            per_voxel = activation_bytes_per_voxel(bundle)
-            fitted = _within_host_memory(patch, lambda p: per_voxel * math.prod(p) + reserve_bytes(p), host_bytes, divisor)
-            source, patch = (source if fitted == patch else "host memory"), fitted
         default_batch = 1 if backend.device.type == "cpu" else 4
+        if host_bytes is not None and backend.can_grow_patch:
+            per_voxel = activation_bytes_per_voxel(bundle)
+            batch = batch_size or CPU_BATCH
+            cost = lambda p: batch * per_voxel * math.prod(p) + reserve_bytes(p)  # noqa: E731
+            fitted = patch if patch_shape is not None else _within_host_memory(patch, cost, host_bytes, divisor)
+            default_batch = CPU_BATCH if cost(fitted) <= host_bytes else 1
+            source, patch = (source if fitted == patch else "host memory"), fitted
         return Fit(patch, batch_size or default_batch, source)
     if measure is None:
         measure = _measure_cuda(backend, bundle.in_channels)

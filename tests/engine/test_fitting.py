@@ -151,18 +151,20 @@ def test_cpu_patch_shrinks_to_the_host_memory_and_keeps_the_training_context() -
     """The default model's 64x256x256 patch needs ~4 GB of activations by the hooks' count: with 1 GiB
     for the network it shrinks, never below MIN_CPU_PATCH, and only for backends that take any patch."""
     from engine.bundle import load_bundle
-    from engine.fitting import MIN_CPU_PATCH, activation_bytes_per_voxel
+    from engine.fitting import CPU_BATCH, MIN_CPU_PATCH, activation_bytes_per_voxel
 
     bundle = load_bundle(None)
     per_voxel = activation_bytes_per_voxel(bundle)
     assert 500 < per_voxel < 2000  # 16 feature maps at full resolution, a few alive at once
     reserve = lambda p: 16.0 * p[0] * 1024 * 1024  # noqa: E731 - one patch row's accumulators on 1024x1024 planes
     fit = fit_tiling(bundle, TorchLike(bundle), (128, 1024, 1024), reserve_bytes=reserve, host_bytes=2**30)
-    assert fit.source == "host memory"
-    assert per_voxel * math.prod(fit.patch_shape) + reserve(fit.patch_shape) <= 2**30
+    assert fit.source == "host memory" and fit.batch_size == CPU_BATCH  # two patches a call: oneDNN's convolutions
+    assert CPU_BATCH * per_voxel * math.prod(fit.patch_shape) + reserve(fit.patch_shape) <= 2**30
     assert all(p >= m for p, m in zip(fit.patch_shape, MIN_CPU_PATCH)) and fit.patch_shape[0] == 32
     roomy = fit_tiling(bundle, TorchLike(bundle), (128, 1024, 1024), reserve_bytes=reserve, host_bytes=64 * 2**30)
-    assert (roomy.patch_shape, roomy.source) == (bundle.patch_shape, "bundle")
+    assert (roomy.patch_shape, roomy.source, roomy.batch_size) == (bundle.patch_shape, "bundle", CPU_BATCH)
+    unknown = fit_tiling(bundle, TorchLike(bundle), (128, 1024, 1024), reserve_bytes=reserve)
+    assert (unknown.patch_shape, unknown.batch_size) == (bundle.patch_shape, 1)  # no host budget: as the bundle says
     fixed = fit_tiling(bundle, ImageBackend(bundle), (128, 1024, 1024), reserve_bytes=reserve, host_bytes=2**30)
     assert fixed.patch_shape == bundle.patch_shape  # an engine built for its patch keeps it
 
