@@ -62,15 +62,21 @@ class EdgeTable:
         self.sums = np.bincount(inverse, weights=weights, minlength=len(uniq))
         self.counts = np.bincount(inverse, weights=n, minlength=len(uniq)).astype(np.int64)
 
-    def add_piece(self, labels: NDArray[np.integer], boundary: NDArray[np.floating], /) -> None:
-        """Every face inside ``labels`` (``(Z, Y, X)`` ids, ``boundary`` the same shape)."""
-        parts = []
-        for axis in range(labels.ndim):
-            lo = [slice(None)] * labels.ndim
-            hi = [slice(None)] * labels.ndim
-            lo[axis], hi[axis] = slice(0, -1), slice(1, None)
-            parts.append(_faces(labels[tuple(lo)], labels[tuple(hi)], boundary[tuple(lo)], boundary[tuple(hi)]))
-        self.add_faces(*(np.concatenate(column) for column in zip(*parts)))
+    def add_piece(self, labels: NDArray[np.integer], boundary: NDArray[np.floating], /, *, planes: int = 4) -> None:
+        """Every face inside ``labels`` (``(Z, Y, X)`` ids, ``boundary`` the same shape), ``planes`` z-planes
+        at a time: a slab's faces are ~40% of its voxels, 24 bytes each before they are pooled, so pooling
+        them a few planes at a time keeps that to a few planes' worth."""
+        for z0 in range(0, labels.shape[0], planes):
+            z1 = min(labels.shape[0], z0 + planes)
+            zf = min(z1, labels.shape[0] - 1)  # faces between planes i and i + 1 for i in [z0, zf)
+            parts = [_faces(labels[z0:zf], labels[z0 + 1 : zf + 1], boundary[z0:zf], boundary[z0 + 1 : zf + 1])]
+            piece, values = labels[z0:z1], boundary[z0:z1]
+            for axis in (1, 2):
+                lo = [slice(None)] * 3
+                hi = [slice(None)] * 3
+                lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+                parts.append(_faces(piece[tuple(lo)], piece[tuple(hi)], values[tuple(lo)], values[tuple(hi)]))
+            self.add_faces(*(np.concatenate(column) for column in zip(*parts)))
 
     def add_between(self, below: NDArray[np.integer], below_p: NDArray[np.floating], above: NDArray[np.integer],
                     above_p: NDArray[np.floating]) -> None:
