@@ -59,7 +59,7 @@ def add_segment(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="arithmetic precision")
     run.add_argument("--patch", type=parse_shape, default=None, help="patch Z,Y,X (default: the bundle's)")
     run.add_argument("--overlap", type=fraction, default=None, help="patch overlap fraction (default: the bundle's)")
-    run.add_argument("--batch", type=positive_int, default=None, help="patches per batch (default: 1 on CPU, fitted to the free memory on CUDA)")
+    run.add_argument("--batch", type=positive_int, default=None, help="patches per batch (default on CPU: 1, or 2 for a streamed stack or with --memory-limit; fitted to the free memory on CUDA)")
     run.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all available)")
     scale = p.add_argument_group("scale (the network runs at the cell size and voxel grid it was trained at)")
     scale.add_argument("--voxel-size", type=parse_voxel_size, default=None, help="Z,Y,X in µm (default: the file's, if it says)")

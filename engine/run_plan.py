@@ -42,7 +42,8 @@ _MIN_DEPTH = 8
 
 @dataclass(frozen=True)
 class SegmentOptions:
-    """Run settings; None means "as the bundle says" (or, for the batch, 1 on CPU and 4 on GPU).
+    """Run settings; None means "as the bundle says" (or, for the batch: on CPU 1, or 2 when the host budget
+    sizes the patch, see :func:`engine.fitting.fit_tiling`; on GPU fitted to the device).
 
     Args:
         backend: ``auto`` or a name from ``engine.backends.BACKEND_CHOICES``.
