@@ -208,7 +208,7 @@ def fit_tiling(
         if host_bytes is not None and backend.can_grow_patch:
             per_voxel = activation_bytes_per_voxel(bundle)
             batch = batch_size or CPU_BATCH
-            cost = lambda p: batch * per_voxel * math.prod(p) + reserve_bytes(p)  # noqa: E731
+            cost = lambda p: batch * per_voxel * math.prod(p) + reserve_bytes(p)
             fitted = patch if patch_shape is not None else _within_host_memory(patch, cost, host_bytes, divisor)
             default_batch = CPU_BATCH if cost(fitted) <= host_bytes else 1
             source, patch = (source if fitted == patch else "host memory"), fitted

@@ -13,10 +13,10 @@ Exactness, method by method:
 - ``watershed``: seeds and flooding are not local (a distance-transform maximum depends on the nearest
   background, a flood on the whole basin), so each core is processed inside a window of ``halo`` extra
   planes on both sides (and, when planes are too wide for the memory budget, in xy tiles, each inside a
-  window as far around it in y and x: the same rules below hold for tiles as for cores). Seeds found in a core are registered with global ids; the next window reuses
-  them in its lower halo instead of recomputing them, and links the seeds it finds where the previous
-  window saw seeds in its upper halo that flooded into the core (a cell crossing a border keeps its
-  seed's id on both sides). The result equals the whole-volume watershed up to a permutation of ids when
+  window as far around it in y and x: the same rules below hold for tiles as for cores). Seeds found in
+  a core are registered with global ids; the next window reuses them in its lower halo instead of
+  recomputing them, and links the seeds it finds where the previous window saw seeds in its upper halo
+  that flooded into the core (a cell crossing a border keeps its seed's id on both sides). The result equals the whole-volume watershed up to a permutation of ids when
   every distance maximum, seed-spacing decision and flood involved in a core lies within its window --
   in practice when the halo exceeds the cells' extent in z and ``min_dist`` -- and the flood meets no
   ties. Ties are common (saturated 0.0/1.0 boundary probabilities; distances, the square roots of
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cc3d
 import numpy as np
@@ -48,6 +48,7 @@ from .stores import FileLabelStore, MemoryLabelStore
 from .union_find import UnionFind
 
 __all__ = ["FileLabelStore", "FinalLabels", "MemoryLabelStore", "SlabLabeler", "label_cells"]
+
 
 @dataclass(frozen=True)
 class FinalLabels:
@@ -68,7 +69,7 @@ class _Block:
     y1: int
     x0: int
     x1: int
-    origin: NDArray[np.int64] = field(default_factory=lambda: np.zeros(3, dtype=np.int64))
+    origin: NDArray[np.int64]
 
     def contains(self, at: NDArray[np.integer]) -> NDArray[np.bool_]:
         z, y, x = at.T
