@@ -85,7 +85,7 @@ def clear_background(
     wide, so whatever lies deeper in the not-interior region is not a cell.
     """
     if sampling is None or all(float(s) == 1.0 for s in sampling):  # exact for the one distance that matters
-        width = int(BACKGROUND_WIDTH)
+        width = BACKGROUND_WIDTH
         far = _bounded_squares(~interior, width) > width * width
     else:
         far = distance_transform(~interior, sampling=sampling, threads=threads) > BACKGROUND_WIDTH
