@@ -34,9 +34,14 @@ def temp_beside(path: Path, /) -> Path:
     """Create an empty temporary file in ``path``'s folder (same file system, so the rename is atomic)."""
     if not path.parent.is_dir():
         raise InputError(f"{path}: folder {path.parent} does not exist")
+    mode = _file_mode()  # read before the file exists: a signal landing in between leaves nothing behind
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, _file_mode())
+    try:
+        os.close(fd)
+        os.chmod(tmp, mode)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return Path(tmp)
 
 

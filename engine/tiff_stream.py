@@ -94,7 +94,6 @@ class ProbabilityWriter:
         self, path: str | os.PathLike[str], /, *, shape: tuple[int, int, int, int], voxel_size_um: tuple[float, float, float] | None
     ) -> None:
         self.path = Path(path)
-        self._tmp = temp_beside(self.path)
         self._shape = shape
         self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
@@ -102,7 +101,12 @@ class ProbabilityWriter:
         k, z, y, x = shape
         self._kwargs = _stream_kwargs(np.dtype(np.float32), 4 * k * z * y * x, "ZCYX", voxel_size_um, imagej=True)
         self._thread = threading.Thread(target=self._run, name="prob-writer", daemon=True)
-        self._thread.start()
+        self._tmp = temp_beside(self.path)
+        try:  # the caller holds no writer to abort until this returns: a signal here must not leave the file
+            self._thread.start()
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
 
     def _pages(self) -> Iterator[np.ndarray]:
         while (chunk := self._queue.get()) is not None:

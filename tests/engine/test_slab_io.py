@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
+from engine.atomic import temp_beside
 from engine.errors import InputError
 from engine.io import open_volume, read_volume, write_labels
 from engine.tiff_stream import ProbabilityWriter, write_labels_stream
@@ -114,3 +116,29 @@ def test_probability_writer_commits_or_leaves_nothing(tmp_path: Path) -> None:
         short.commit()
     short.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.tif"]
+
+
+class _SignalOnStart(threading.Thread):
+    """A thread whose start() is where a signal lands (the writer's thread start waits on an event: a Python wait)."""
+
+    def start(self) -> None:
+        raise KeyboardInterrupt
+
+
+def test_probability_writer_interrupted_while_starting_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CI once kept `.p.tif.XXXX.tmp` after a SIGTERM: the signal landed while the writer was being made, before
+    # the caller held a writer to abort
+    monkeypatch.setattr("engine.tiff_stream.threading.Thread", _SignalOnStart)
+    with pytest.raises(KeyboardInterrupt):
+        ProbabilityWriter(tmp_path / "p.tif", shape=(1, 2, 3, 4), voxel_size_um=None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temp_beside_interrupted_after_creating_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("engine.atomic.os.chmod", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        temp_beside(tmp_path / "p.tif")
+    assert list(tmp_path.iterdir()) == []
