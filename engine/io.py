@@ -30,6 +30,7 @@ __all__ = [
     "open_volume",
     "write_labels",
     "write_probabilities",
+    "imagej_write_kwargs",
     "atomic_write",
     "atomic_target",
 ]
@@ -335,7 +336,8 @@ def open_volume(path: str | os.PathLike[str], /, *, channel: int | None = None, 
             raise
 
 
-def _imagej_kwargs(voxel: tuple[float, float, float] | None, axes: str) -> dict[str, Any]:
+def imagej_write_kwargs(voxel: tuple[float, float, float] | None, axes: str) -> dict[str, Any]:
+    """tifffile arguments for an ImageJ hyperstack of ``axes`` carrying ``voxel`` (z spacing and xy resolution, µm)."""
     meta: dict[str, Any] = {"axes": axes}
     kwargs: dict[str, Any] = {"imagej": True, "metadata": meta}
     if voxel:
@@ -355,7 +357,7 @@ def write_labels(
     top = int(labels.max()) if labels.size else 0
     if top < 2**16:
         data = labels.astype(np.uint16, copy=False)
-        kwargs = _imagej_kwargs(voxel_size_um, "ZYX")
+        kwargs = imagej_write_kwargs(voxel_size_um, "ZYX")
     else:
         data = labels.astype(np.uint32, copy=False)
         meta: dict[str, Any] = {"axes": "ZYX"}
@@ -370,5 +372,5 @@ def write_probabilities(
 ) -> Path:
     """Write ``(C, Z, Y, X)`` float32 probabilities as an ImageJ hyperstack (stored ZCYX, as ImageJ wants)."""
     data = np.ascontiguousarray(np.transpose(probs.astype(np.float32, copy=False), (1, 0, 2, 3)))
-    kwargs = _imagej_kwargs(voxel_size_um, "ZCYX")
+    kwargs = imagej_write_kwargs(voxel_size_um, "ZCYX")
     return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib", **kwargs))

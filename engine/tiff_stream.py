@@ -20,7 +20,7 @@ import tifffile
 from numpy.typing import NDArray
 
 from .atomic import atomic_write, temp_beside
-from .io import _imagej_kwargs
+from .io import imagej_write_kwargs
 
 __all__ = ["BIGTIFF_BYTES", "write_labels_stream", "ProbabilityWriter"]
 
@@ -35,7 +35,7 @@ def _stream_kwargs(
     """tifffile writer and page arguments: ImageJ when allowed and small enough, else OME (BigTIFF if large)."""
     big = nbytes > BIGTIFF_BYTES
     if imagej and not big:
-        kwargs = _imagej_kwargs(voxel, axes)
+        kwargs = imagej_write_kwargs(voxel, axes)
         return {"writer": {"imagej": True}, "page": {k: v for k, v in kwargs.items() if k != "imagej"}}
     meta: dict[str, Any] = {"axes": axes}
     if voxel:
