@@ -202,17 +202,10 @@ def fit_tiling(
         raise InputError(f"patch shape must be 3 positive multiples of {divisor}, got {patch_shape!r}")
     on_cuda = backend.device.type == "cuda" or measure is not None
     if not on_cuda or (patch_shape is not None and batch_size is not None):
-        patch = fit_patch_shape(volume_shape, patch_shape or bundle.patch_shape, divisor)
-        source = "options" if patch_shape and batch_size else "bundle"
-        default_batch = 1 if backend.device.type == "cpu" else 4
-        if host_bytes is not None and backend.can_grow_patch:
-            per_voxel = activation_bytes_per_voxel(bundle)
-            batch = batch_size or CPU_BATCH
-            cost = lambda p: batch * per_voxel * math.prod(p) + reserve_bytes(p)
-            fitted = patch if patch_shape is not None else _within_host_memory(patch, cost, host_bytes, divisor)
-            default_batch = CPU_BATCH if cost(fitted) <= host_bytes else 1
-            source, patch = (source if fitted == patch else "host memory"), fitted
-        return Fit(patch, batch_size or default_batch, source)
+        return _fit_unmeasured(
+            bundle, backend, volume_shape, patch_shape=patch_shape, batch_size=batch_size, reserve_bytes=reserve_bytes,
+            host_bytes=host_bytes,
+        )
     if measure is None:
         measure = _measure_cuda(backend, bundle.in_channels)
     if free_bytes is None:
@@ -239,6 +232,31 @@ def fit_tiling(
         logger.warning("patch %s does not fit the free device memory (%.2f GiB); trying batch 1", candidates[0], free_bytes / 2**30)
         return Fit(candidates[0], 1, source)
     return Fit(best[0], batch_size or best[1], source)
+
+
+def _fit_unmeasured(
+    bundle: Bundle,
+    backend: Backend,
+    volume_shape: Sequence[int],
+    /,
+    *,
+    patch_shape: tuple[int, int, int] | None,
+    batch_size: int | None,
+    reserve_bytes: Callable[[tuple[int, int, int]], float],
+    host_bytes: float | None,
+) -> Fit:
+    """The CPU's (or a fully fixed) patch and batch: the bundle's or the caller's, shrunk to ``host_bytes``."""
+    patch = fit_patch_shape(volume_shape, patch_shape or bundle.patch_shape, bundle.divisor)
+    source = "options" if patch_shape and batch_size else "bundle"
+    default_batch = 1 if backend.device.type == "cpu" else 4
+    if host_bytes is not None and backend.can_grow_patch:
+        per_voxel = activation_bytes_per_voxel(bundle)
+        batch = batch_size or CPU_BATCH
+        cost = lambda p: batch * per_voxel * math.prod(p) + reserve_bytes(p)
+        fitted = patch if patch_shape is not None else _within_host_memory(patch, cost, host_bytes, bundle.divisor)
+        default_batch = CPU_BATCH if cost(fitted) <= host_bytes else 1
+        source, patch = (source if fitted == patch else "host memory"), fitted
+    return Fit(patch, batch_size or default_batch, source)
 
 
 def _largest_fit(

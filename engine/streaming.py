@@ -241,7 +241,10 @@ def stream(
     pipe.start("cellseg3d-read", reader)
     pipe.start("cellseg3d-postprocess", postprocessor)
     try:
-        _infer(read, run, grid, out_channels, device, tracker, timings, lambda item: pipe.put(outputs, item))
+        _infer(
+            read, run=run, grid=grid, out_channels=out_channels, device=device, tracker=tracker, timings=timings,
+            emit=lambda item: pipe.put(outputs, item),
+        )
         pipe.put(outputs, None)
     except _Stopped:
         pass
@@ -252,6 +255,8 @@ def stream(
 
 def _infer(
     read: Callable[[int, int], np.ndarray],
+    /,
+    *,
     run: Callable[[torch.Tensor], torch.Tensor],
     grid: SlabGrid,
     out_channels: int,
