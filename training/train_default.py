@@ -228,6 +228,58 @@ def _init_weights(model: torch.nn.Module, path: Path) -> None:
     logger.info("%s: initial weights loaded", path)
 
 
+@dataclasses.dataclass
+class _Progress:
+    """Where a run stands besides its weights and optimizer (all of it goes into the checkpoint)."""
+
+    step: int
+    elapsed: float
+    losses: list[list[float]]
+    pool_seeds: list[int]
+    next_seed: int
+    history: list[list[int]]  # [first step, --steps] of each (re)started run
+    init: Path | None
+
+
+def _start(config: TrainConfig, checkpoint: Path, init: Path | None, *, model: torch.nn.Module,
+           optimizer: torch.optim.Optimizer, rng: np.random.Generator) -> _Progress:
+    """Resume from ``checkpoint`` if it exists, else start at step 0 (from ``init``'s weights if given)."""
+    progress = _Progress(0, 0.0, [], [TRAIN_SEED_BASE + i for i in range(config.pool_size)],
+                         TRAIN_SEED_BASE + config.pool_size, [], init)
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model_state_dict"])
+        optimizer.load_state_dict(state["optimizer_state_dict"])
+        progress = _Progress(
+            state["step"], state["elapsed_s"], list(state["losses"]), list(state["pool_seeds"]), state["next_seed"],
+            list(state.get("history", [[0, json.loads(state["config"])["steps"]]])),
+            Path(state["init"]) if state.get("init") else None,
+        )
+        rng.bit_generator.state = json.loads(state["numpy_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("%s: resumed at step %d (%.0f s trained)", checkpoint, progress.step, progress.elapsed)
+    elif init is not None:
+        _init_weights(model, init)
+    progress.history.append([progress.step, config.steps])
+    return progress
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, crops: list, *, lr: float,
+                device: torch.device, bf16: bool) -> float:
+    """One optimizer step on ``crops`` (``(image, target)`` pairs); returns the loss."""
+    x = torch.from_numpy(np.stack([c[0] for c in crops])[:, None]).to(device).contiguous(memory_format=torch.channels_last_3d)
+    y = torch.from_numpy(np.stack([c[1] for c in crops])[:, None]).to(device)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model.forward_logits(x)
+    loss = _loss(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save_every: int, log_every: int,
           init: Path | None = None) -> dict:
     """Train (or resume) until ``config.steps``; returns the final checkpoint dict.
@@ -242,66 +294,43 @@ def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save
                    in_channels=1, out_channels=1).to(device=device, memory_format=torch.channels_last_3d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
-    step, elapsed, losses = 0, 0.0, []
-    history: list[list[int]] = []
-    pool_seeds = [TRAIN_SEED_BASE + i for i in range(config.pool_size)]
-    next_seed = TRAIN_SEED_BASE + config.pool_size
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model_state_dict"])
-        optimizer.load_state_dict(state["optimizer_state_dict"])
-        step, elapsed, losses = state["step"], state["elapsed_s"], list(state["losses"])
-        pool_seeds, next_seed = list(state["pool_seeds"]), state["next_seed"]
-        rng.bit_generator.state = json.loads(state["numpy_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        history = list(state.get("history", [[0, json.loads(state["config"])["steps"]]]))
-        init = Path(state["init"]) if state.get("init") else None
-        logger.info("%s: resumed at step %d (%.0f s trained)", checkpoint, step, elapsed)
-    elif init is not None:
-        _init_weights(model, init)
-    history.append([step, config.steps])  # [first step, --steps] of each (re)started run
+    run = _start(config, checkpoint, init, model=model, optimizer=optimizer, rng=rng)
     feed = _VolumeFeed(settings, config.workers)
-    made = {s: feed.get(s) for s in sorted(pool_seeds)}
-    pool = [made.pop(s) for s in pool_seeds]
+    made = {s: feed.get(s) for s in sorted(run.pool_seeds)}
+    pool = [made.pop(s) for s in run.pool_seeds]
 
     def snapshot() -> dict:
         return {
             "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-            "step": step, "elapsed_s": elapsed, "losses": losses, "pool_seeds": pool_seeds,
-            "next_seed": next_seed, "numpy_rng": json.dumps(rng.bit_generator.state),
+            "step": run.step, "elapsed_s": run.elapsed, "losses": run.losses, "pool_seeds": run.pool_seeds,
+            "next_seed": run.next_seed, "numpy_rng": json.dumps(rng.bit_generator.state),
             "torch_rng": torch.get_rng_state(), "config": json.dumps(dataclasses.asdict(config)),
-            "bf16": bf16, "history": history, "init": str(init) if init is not None else "",
+            "bf16": bf16, "history": run.history, "init": str(run.init) if run.init is not None else "",
         }
 
+    def done() -> bool:
+        return run.step >= config.steps or (config.time_limit_s > 0 and run.elapsed >= config.time_limit_s)
+
     model.train()
-    started, window = time.perf_counter() - elapsed, []
-    while step < config.steps and not (config.time_limit_s > 0 and elapsed >= config.time_limit_s):
+    started, window = time.perf_counter() - run.elapsed, []
+    while not done():
         if rng.random() < 1.0 / config.refresh_every:
             slot = int(rng.integers(0, len(pool)))
-            pool[slot], pool_seeds[slot] = feed.get(next_seed), next_seed
-            next_seed += 1
+            pool[slot], run.pool_seeds[slot] = feed.get(run.next_seed), run.next_seed
+            run.next_seed += 1
         crops = [sample_crop(pool[int(rng.integers(0, len(pool)))], rng, settings) for _ in range(config.batch_size)]
-        x = torch.from_numpy(np.stack([c[0] for c in crops])[:, None]).to(device).contiguous(memory_format=torch.channels_last_3d)
-        y = torch.from_numpy(np.stack([c[1] for c in crops])[:, None]).to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config, elapsed)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model.forward_logits(x)
-        loss = _loss(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower --lr or use --no-bf16")
-        window.append(loss.item())
-        step += 1
-        elapsed = time.perf_counter() - started
-        last = step == config.steps or (config.time_limit_s > 0 and elapsed >= config.time_limit_s)
-        if step % log_every == 0 or last:
-            losses.append([step, float(np.mean(window))])
-            logger.info("step %d/%d loss %.4f lr %.2e %.0f s", step, config.steps, np.mean(window), _lr_at(step - 1, config, elapsed), elapsed)
+        loss = _train_step(model, optimizer, crops, lr=_lr_at(run.step, config, run.elapsed), device=device, bf16=bf16)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {run.step}; lower --lr or use --no-bf16")
+        window.append(loss)
+        run.step += 1
+        run.elapsed = time.perf_counter() - started
+        if run.step % log_every == 0 or done():
+            run.losses.append([run.step, float(np.mean(window))])
+            logger.info("step %d/%d loss %.4f lr %.2e %.0f s", run.step, config.steps, np.mean(window),
+                        _lr_at(run.step - 1, config, run.elapsed), run.elapsed)
             window = []
-        if step % save_every == 0 or last:
+        if run.step % save_every == 0 or done():
             _save(checkpoint, snapshot())
     feed.close()
     return snapshot()
