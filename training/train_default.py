@@ -38,7 +38,20 @@ The shipped model was made in two stages (from the repository root):
    then ``python -m training.tune_postprocess --bundle /tmp/generalist_bundle`` and the bundle copied into
    ``engine/default_bundle`` (``cellseg3d export engine/default_bundle`` rewrites the ONNX files).
 
-On a GPU host, ``scripts/train_gpu.sh OUT [SECONDS]`` continues stage 3 with ``--device cuda`` (bf16
+4. Two CPU continuations of the generalist, lr 5e-4, ``--p-tissue 0.7``, each a time-limited run (the cosine
+   decay over the wall clock): from stage 3's weights, 1189 steps in 2100 s on a 2-core Zen 3 in fp32
+   (``training/checkpoints/generalist_cont.pt``); from those, 10463 steps in 6000 s on a 2-core Sapphire
+   Rapids with bf16 autocast (AMX), started with ``--time-limit 4200`` and resumed at step 1000 with 6000::
+
+       python -m training.train_default --init training/checkpoints/generalist_cont.pt \
+           --checkpoint training/checkpoints/generalist_cont2.pt --bundle-out /tmp/gen3 \
+           --steps 100000 --time-limit 6000 --lr 5e-4 --p-tissue 0.7 --log-every 10 --save-every 100
+
+   then ``python -m training.tune_postprocess --bundle /tmp/gen3 --no-patch-timing``, the bundle copied into
+   ``engine/default_bundle``, ``cellseg3d export engine/default_bundle`` and ``python -m training.evaluate
+   --old-bundle OLD --record``. This is the shipped model.
+
+On a GPU host, ``scripts/train_gpu.sh OUT [SECONDS]`` continues stage 4 with ``--device cuda`` (bf16
 autocast), ``--workers`` (the host's cores make the training volumes ahead of the steps; the same volumes
 as without workers) and ``--time-limit`` (the cosine decay runs over the wall clock, so the run fits one
 device call). Not run yet: no GPU host has been lent to this project's tasks so far.

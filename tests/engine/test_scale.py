@@ -172,4 +172,5 @@ def test_rescaled_run_keeps_the_input_grid_and_streams_alike(bundle) -> None:
     assert match_instances(slabbed.labels, whole.labels).f1 >= 0.97
     off = segment(image, bundle=bundle, options=SegmentOptions(backend="torch-cpu", precision="fp32", rescale="off"))
     rescaled_f1 = match_instances(whole.labels, truth).f1
-    assert rescaled_f1 > match_instances(off.labels, truth).f1 + 0.1  # measured 0.80 vs 0.50 with the old model
+    # measured: 0.80 vs 0.50 with the model before stage 4 of training, 0.87 vs 0.81 with the shipped one
+    assert rescaled_f1 > match_instances(off.labels, truth).f1 + 0.04
