@@ -81,7 +81,7 @@ def test_web_ui_inputs_are_typed_and_bq_parameters_fails_on_an_empty_one(bisque_
     with pytest.raises(ValueError, match="could not convert string to float"):
         bq.parameters()
     values = mex_input_values(bq.mex.xmltree)
-    assert values == {"resource_url": image, "threshold": "", "min_dist": "8", "label_threshd": "50",
+    assert values == {"resource_url": image, "threshold": "", "min_dist": "4", "label_threshd": "50",
                       "mex_url": None, "bisque_token": None}
 
 
@@ -140,7 +140,7 @@ def test_the_engine_drops_valueless_inputs_so_positions_shift(bisque_server: Bis
     module = module_definition()
     mex = web_ui_mex(module, {"resource_url": "http://h/data_service/00-a", "threshold": ""})
     assert engine_argv(module, mex, "http://h/mex/00-m", "admin:00-m") == [
-        "http://h/data_service/00-a", "8", "50", "http://h/mex/00-m", "admin:00-m"]
+        "http://h/data_service/00-a", "4", "50", "http://h/mex/00-m", "admin:00-m"]
 
 
 def test_upload_error_is_an_http_200_with_an_error_tag(bisque_server: BisqueTestServer, tmp_path: Path) -> None:
