@@ -1,6 +1,6 @@
 r"""Train the default boundary model shipped in ``engine/default_bundle`` (plain torch, CPU).
 
-The shipped model was made in two stages (from the repository root):
+The shipped model was made in four stages (from the repository root):
 
 1. From scratch, on the generator's earlier one-sided membranes (a wall drawn on one of its two cells;
    git 8d37c8d), 750 steps, lr 2e-3::
