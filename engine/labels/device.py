@@ -4,11 +4,11 @@ Issue 11: a GPU run should label where the network ran, without copying float pr
 Each function here mirrors one numpy primitive of :mod:`engine.labels` and gives the same result on CPU
 (the tests compare them on membrane maps, random masks and edge cases):
 
-- :func:`bounded_distance` = ``distance._bounded_distance``, bit for bit (the same int16 arithmetic).
-- :func:`path_maximum` = ``seeds._path_maximum``, bit for bit (maxima are exact in any order).
+- :func:`bounded_distance` = ``distance.bounded_distance``, bit for bit (the same int16 arithmetic).
+- :func:`path_maximum` = ``seeds.path_maximum``, bit for bit (maxima are exact in any order).
 - :func:`peaks` = the peak test of ``seeds.find_seeds``, ``mask & (distance >= path maximum)``.
 - :func:`connected_components` = ``cc3d.connected_components(mask, connectivity=6)``, the same numbers.
-- :func:`descend` = ``flood._descend``, labels and reached levels, with the same tie rule.
+- :func:`descend` = ``flood.descend``, labels and reached levels, with the same tie rule.
 - :func:`faces` = the table of ``graph.EdgeTable().add_piece``: the same pairs and counts; sums equal up
   to the order of float64 additions (on a GPU it differs).
 
@@ -53,7 +53,7 @@ __all__ = [
     "peaks",
 ]
 
-_FAR = 30000  # squared distance "beyond the bound", as in distance._bounded_distance
+_FAR = 30000  # squared distance "beyond the bound", as in distance.bounded_distance
 MAX_BOUND = 52  # _FAR + MAX_BOUND**2 = 32704 still fits int16, so the shifted sums never wrap
 
 
@@ -90,7 +90,7 @@ def _index_dtype(n: int) -> torch.dtype:
 def bounded_distance(mask: torch.Tensor, /, *, bound: int) -> torch.Tensor | None:
     """Isotropic distance of each ``mask`` voxel to the nearest non-mask voxel, when none exceeds ``bound``.
 
-    The same int16 shifted minima along x, then y, then z as ``distance._bounded_distance``, so the
+    The same int16 shifted minima along x, then y, then z as ``distance.bounded_distance``, so the
     result is bit for bit the same (and scipy's ``distance_transform_edt``'s).
 
     Args:
@@ -126,7 +126,7 @@ def bounded_distance(mask: torch.Tensor, /, *, bound: int) -> torch.Tensor | Non
 def path_maximum(distance: torch.Tensor, mask: torch.Tensor, /, *, radius: tuple[int, int, int]) -> torch.Tensor:
     """The largest ``distance`` each mask voxel reaches by up to ``radius`` face steps per axis inside ``mask``.
 
-    As ``seeds._path_maximum``: a 3-wide max filter along x, then y, then z, ``radius[axis]`` times,
+    As ``seeds.path_maximum``: a 3-wide max filter along x, then y, then z, ``radius[axis]`` times,
     masked after every step so it never looks across a membrane; -1 outside the mask.
 
     Args:
@@ -268,7 +268,7 @@ def connected_components(mask: torch.Tensor, /, *, max_rounds: int | None = None
 def descend(image: torch.Tensor, labels: torch.Tensor, /) -> tuple[torch.Tensor, torch.Tensor]:
     """Give each unlabelled voxel the label its steepest-descent path in ``image`` runs into.
 
-    As ``flood._descend``: an unlabelled voxel points to its lowest face neighbour when that one is
+    As ``flood.descend``: an unlabelled voxel points to its lowest face neighbour when that one is
     strictly lower than the best so far, trying z-, z+, y-, y+, x-, x+ in turn (the first on ties; the
     volume's edges are never lower); pointer jumping follows the paths. A path ending on a labelled
     voxel gives its label; one ending on a plateau or in a pit gives 0. Labelled voxels keep theirs.

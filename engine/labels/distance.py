@@ -16,7 +16,7 @@ import edt
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["BACKGROUND_WIDTH", "available_cores", "clear_background", "distance_transform"]
+__all__ = ["BACKGROUND_WIDTH", "available_cores", "bounded_distance", "clear_background", "distance_transform"]
 
 EDT_BOUNDS = (8, 16)  # isotropic distance transform by bounded shifts first (exact when within the bound)
 BACKGROUND_WIDTH = 4  # model voxels: wider than any membrane; farther from every cell interior is background
@@ -55,7 +55,7 @@ def _bounded_squares(mask: NDArray[np.bool_], bound: int) -> NDArray[np.unsigned
     return f
 
 
-def _bounded_distance(mask: NDArray[np.bool_], bound: int) -> NDArray[np.float32] | None:
+def bounded_distance(mask: NDArray[np.bool_], bound: int) -> NDArray[np.float32] | None:
     """Isotropic ``distance_transform_edt(mask)``, bit for bit, when no distance exceeds ``bound``; else None."""
     squares = _bounded_squares(mask, bound)
     if int(squares.max(initial=0)) > bound * bound:
@@ -68,7 +68,7 @@ def distance_transform(mask: NDArray[np.bool_], /, *, sampling: Sequence[float] 
     along ``(z, y, x)`` (voxels when None); the volume's edges are not background."""
     if sampling is None or all(float(s) == 1.0 for s in sampling):
         for bound in EDT_BOUNDS:
-            distance = _bounded_distance(mask, bound)
+            distance = bounded_distance(mask, bound)
             if distance is not None:
                 return distance
     anisotropy = tuple(float(s) for s in sampling) if sampling is not None else (1.0, 1.0, 1.0)

@@ -22,12 +22,12 @@ from numpy.typing import NDArray
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-__all__ = ["flood"]
+__all__ = ["descend", "flood", "resolve_components"]
 
 TIE_BREAK = 1e-9  # rim order among equal boundary probabilities (float32 steps at membrane levels are >= 3e-8)
 
 
-def _resolve_components(
+def resolve_components(
     image: np.ndarray, markers: NDArray[np.int32], components: NDArray[np.int32]
 ) -> NDArray[np.int32]:
     """Label every interior component that holds a seed, exactly as the full flood would.
@@ -55,7 +55,7 @@ def _resolve_components(
     return resolved
 
 
-def _descend(image: np.ndarray, labels: NDArray[np.int32]) -> tuple[NDArray[np.int32], np.ndarray]:
+def descend(image: np.ndarray, labels: NDArray[np.int32]) -> tuple[NDArray[np.int32], np.ndarray]:
     """Give each unlabelled voxel the label its steepest-descent path in ``image`` runs into.
 
     Each unlabelled voxel points to its lowest 6-neighbour if that one is strictly lower (the first such in
@@ -104,10 +104,10 @@ def flood(image: np.ndarray, markers: NDArray[np.int32], components: NDArray[np.
         components: the interior's connected components.
         confined: the flood stays inside the components (foreground models); else it fills the volume.
     """
-    resolved = _resolve_components(image, markers, components)
+    resolved = resolve_components(image, markers, components)
     if confined or not (resolved == 0).any():
         return resolved
-    descended, reached = _descend(image, resolved)
+    descended, reached = descend(image, resolved)
     rest = descended == 0
     if not rest.any():
         return descended

@@ -20,7 +20,7 @@ from scipy.spatial import cKDTree
 
 from ..bundle import OutputSpec
 
-__all__ = ["find_seeds", "interior_of", "interior_probability", "seed_radius"]
+__all__ = ["find_seeds", "interior_of", "interior_probability", "path_maximum", "seed_radius"]
 
 
 def interior_probability(probs: NDArray[np.float32], output: OutputSpec, /) -> NDArray[np.float32]:
@@ -40,7 +40,7 @@ def seed_radius(min_dist: int, sampling: Sequence[float] | None, /) -> tuple[int
     return (r[0], r[1], r[2])
 
 
-def _path_maximum(distance: NDArray[np.generic], mask: NDArray[np.bool_], radius: tuple[int, int, int]) -> NDArray[np.generic]:
+def path_maximum(distance: NDArray[np.generic], mask: NDArray[np.bool_], radius: tuple[int, int, int]) -> NDArray[np.generic]:
     """The largest ``distance`` each mask voxel reaches by axis steps inside ``mask`` (see the module doc).
 
     Each step is a 3-wide max along one axis into a preallocated buffer, then a minimum with ``cap`` (the
@@ -111,7 +111,7 @@ def find_seeds(
     if not mask.any():
         return np.empty((0, 3), dtype=np.intp)
     key = _order_key(distance, sampling)
-    peak = mask & (key >= _path_maximum(key, mask, seed_radius(min_dist, sampling)))
+    peak = mask & (key >= path_maximum(key, mask, seed_radius(min_dist, sampling)))
     points = np.argwhere(peak)
     piece = cc3d.connected_components(peak, connectivity=6)[peak]  # face pieces lie within one component
     _, first = np.unique(piece, return_index=True)

@@ -28,10 +28,12 @@ from engine.labels.device import (
     path_maximum,
     peaks,
 )
-from engine.labels.distance import _bounded_distance
-from engine.labels.flood import _descend, _resolve_components
+from engine.labels.distance import bounded_distance as np_bounded_distance
+from engine.labels.flood import descend as np_descend
+from engine.labels.flood import resolve_components
 from engine.labels.graph import EdgeTable
-from engine.labels.seeds import _path_maximum, seed_radius
+from engine.labels.seeds import path_maximum as np_path_maximum
+from engine.labels.seeds import seed_radius
 from engine.synthetic import make_membrane_volume
 
 CPU = torch.device("cpu")
@@ -103,7 +105,7 @@ def _distance(mask: np.ndarray) -> np.ndarray:
 
 def _check_bounded(mask: np.ndarray, bound: int, device: torch.device) -> bool:
     """Same result; True when it was None (the bound was exceeded)."""
-    want = _bounded_distance(mask, bound)
+    want = np_bounded_distance(mask, bound)
     got = bounded_distance(_t(mask, device), bound=bound)
     assert (want is None) == (got is None)
     if want is None or got is None:
@@ -114,7 +116,7 @@ def _check_bounded(mask: np.ndarray, bound: int, device: torch.device) -> bool:
 
 
 def _check_path_maximum(distance: np.ndarray, mask: np.ndarray, radius: tuple[int, int, int], device: torch.device) -> None:
-    want = _path_maximum(distance, mask, radius)
+    want = np_path_maximum(distance, mask, radius)
     got = path_maximum(_t(distance, device), _t(mask, device), radius=radius)
     assert got.device == device and got.dtype == torch.float32
     assert np.array_equal(want.view(np.uint32), _np(got).view(np.uint32))
@@ -131,7 +133,7 @@ def _check_components(mask: np.ndarray, device: torch.device, max_rounds: int | 
 
 
 def _check_descend(image: np.ndarray, labels: np.ndarray, device: torch.device) -> None:
-    want, want_reached = _descend(image, labels)
+    want, want_reached = np_descend(image, labels)
     got, got_reached = descend(_t(image, device), _t(labels, device))
     assert got.dtype == torch.int32 and got_reached.dtype == _t(image, CPU).dtype
     assert np.array_equal(want, _np(got))
@@ -151,14 +153,14 @@ def _check_faces(core: np.ndarray, boundary: np.ndarray, device: torch.device) -
 
 
 def _pre_descent(p: np.ndarray, *, min_dist: int = 4) -> np.ndarray:
-    """The labels flood() hands to _descend: seeded interior components, as SlabLabeler._watershed makes them."""
+    """The labels flood() hands to descend: seeded interior components, as SlabLabeler._watershed makes them."""
     mask = _interior(p)
     components = cc3d.connected_components(mask, connectivity=6).astype(np.int32)
     seeds_at = find_seeds(_distance(mask), components, min_dist=min_dist, sampling=None)
     seeds = np.zeros(mask.shape, bool)
     seeds[tuple(seeds_at.T)] = True
     markers = cc3d.connected_components(seeds, connectivity=6).astype(np.int32)
-    return _resolve_components(p, markers, components)
+    return resolve_components(p, markers, components)
 
 
 def _sparse_labels(shape: tuple[int, ...], fraction: float, seed: int) -> np.ndarray:
@@ -175,7 +177,7 @@ def _id_pieces() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     big_ids = np.where(rng.random(small) < 0.2, 0, 2**32 - 1 - rng.integers(0, 4, small)).astype(np.uint32)
     return {
         "membrane truth": (truth, p),
-        "membrane descended": (_descend(p, _pre_descent(p))[0], p),
+        "membrane descended": (np_descend(p, _pre_descent(p))[0], p),
         "random ids with zeros": (rng.integers(0, 5, small).astype(np.int32), noise),
         "ids near 2**32": (big_ids, noise),
         "ids around 2**31": (np.where(rng.random(small) < 0.5, 2**31 - 1, 2**31).astype(np.int64), noise),

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One prepared device call on a lent GPU host (issues 10 and 11), about 7 minutes:
+#   - two generalist training runs side by side on the one GPU (scripts/train_gpu.sh; lr 5e-4 and 1e-3,
+#     batches of 16, each with a third of the cores making volumes), continued from the shipped weights;
+#     which one ships (if either) is decided afterwards on the validation volumes, not here;
+#   - meanwhile: the CUDA equality test of the torch labelling steps, the device labelling benchmark
+#     (benchmarks/labels_device.py) and the GPU-marked backend tests;
+#   - everything packed into OUT_DIR/results.tar.gz (checkpoints, bundles, logs) plus the logs beside it.
+#
+# Usage: scripts/gpu_session.sh [OUT_DIR] [TRAIN_SECONDS]   (default: gpu_out, 330)
+# Needs a CUDA torch, edt and cc3d (the device machine gets them as wheels); nothing else is installed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-gpu_out}
+SECS=${2:-330}
+WORK=${WORK:-/tmp/gpu_session}
+mkdir -p "$OUT" "$WORK"
+PY=${PYTHON:-python}
+export PYTHONUNBUFFERED=1
+third=$(( $(nproc) / 3 > 1 ? $(nproc) / 3 : 1 ))
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/env.log" 2>&1
+lscpu | grep -E 'Model name|^CPU\(s\)' >> "$OUT/env.log"
+
+LR=5e-4 BATCH=16 POOL=64 WORKERS=$third scripts/train_gpu.sh "$WORK/lr5e-4" "$SECS" > "$WORK/a.log" 2>&1 &
+A=$!
+LR=1e-3 BATCH=16 POOL=64 WORKERS=$third scripts/train_gpu.sh "$WORK/lr1e-3" "$SECS" > "$WORK/b.log" 2>&1 &
+B=$!
+
+{
+  echo "== CUDA equality of the torch labelling steps"
+  timeout 150 $PY -m pytest -q -p no:cacheprovider -rA tests/engine/test_labels_device.py -k cuda 2>&1 | tail -5
+  echo "== device labelling benchmark"
+  timeout 200 $PY -m benchmarks.labels_device --device cuda --shape 64,512,512 --json "$OUT/labels_device.json" 2>&1
+  echo "== GPU-marked backend tests"
+  timeout 120 $PY -m pytest -q -p no:cacheprovider -rA -m "gpu or tensorrt" tests/engine/test_ort_backend.py \
+      tests/engine/test_backend_contract.py tests/engine/test_trt_backend.py 2>&1 | tail -25
+} > "$OUT/checks.log" 2>&1
+
+wait $A; RA=$?
+wait $B; RB=$?
+echo "training exits: lr5e-4 $RA, lr1e-3 $RB" >> "$OUT/checks.log"
+tail -n 4 "$WORK/a.log" "$WORK/b.log" >> "$OUT/checks.log"
+cp "$WORK/a.log" "$OUT/train_lr5e-4.log"; cp "$WORK/b.log" "$OUT/train_lr1e-3.log"
+tar -C "$WORK" -czf "$OUT/results.tar.gz" lr5e-4 lr1e-3
+cat "$OUT/env.log" "$OUT/checks.log"
