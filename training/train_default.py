@@ -1,6 +1,6 @@
-r"""Train the default boundary model shipped in ``engine/default_bundle`` (plain torch, CPU).
+r"""Train the default boundary model shipped in ``engine/default_bundle`` (plain torch, CPU or CUDA).
 
-The shipped model was made in four stages (from the repository root):
+The shipped model was made in five stages (from the repository root):
 
 1. From scratch, on the generator's earlier one-sided membranes (a wall drawn on one of its two cells;
    git 8d37c8d), 750 steps, lr 2e-3::
@@ -49,12 +49,24 @@ The shipped model was made in four stages (from the repository root):
 
    then ``python -m training.tune_postprocess --bundle /tmp/gen3 --no-patch-timing``, the bundle copied into
    ``engine/default_bundle``, ``cellseg3d export engine/default_bundle`` and ``python -m training.evaluate
-   --old-bundle OLD --record``. This is the shipped model.
+   --old-bundle OLD --record``.
 
-On a GPU host, ``scripts/train_gpu.sh OUT [SECONDS]`` continues stage 4 with ``--device cuda`` (bf16
-autocast), ``--workers`` (the host's cores make the training volumes ahead of the steps; the same volumes
-as without workers) and ``--time-limit`` (the cosine decay runs over the wall clock, so the run fits one
-device call). Not run yet: no GPU host has been lent to this project's tasks so far.
+5. On a lent NVIDIA H200 (bf16 autocast, batches of 16, the host's cores making the volumes), from stage 4's
+   weights: ``scripts/gpu_session.sh`` ran two 300 s runs side by side (``scripts/train_gpu.sh``, lr 5e-4 and
+   1e-3, 5 generator workers each, ~10 steps/s each); the lr 1e-3 one (3129 steps,
+   ``training/checkpoints/generalist_gpu1.pt``) scored better on the validation volumes (F1 / IoU 0.768 /
+   0.616 against 0.764 / 0.614) and was continued at lr 5e-4 for 200 s with 13 workers (2950 steps)::
+
+       LR=5e-4 BATCH=16 POOL=64 WORKERS=13 INIT=training/checkpoints/generalist_gpu1.pt \
+           scripts/train_gpu.sh OUT 200
+
+   -> ``training/checkpoints/generalist_gpu2.pt``; then tuned, exported and evaluated as stage 4. This is
+   the shipped model (``training.lineage`` in bundle.json).
+
+On a GPU host, ``scripts/train_gpu.sh OUT [SECONDS]`` runs ``--device cuda`` (bf16 autocast), ``--workers``
+(the host's cores make the training volumes ahead of the steps; the same volumes as without workers) and
+``--time-limit`` (the cosine decay runs over the wall clock, so the run fits one device call). Checkpoints
+written on a GPU hold CUDA tensors; ``--init`` and resuming load them onto the CPU first.
 
 A new run starts from random weights, or with ``--init`` from a training checkpoint's or a bundle's
 weights (fresh optimizer, step 0, fresh data pool).
@@ -74,8 +86,8 @@ diameter 11-17, voxel_scale 0.7-1.6, uint8 or uint16, and with ``--p-tissue`` th
 ``engine.tissue``), one replaced by a fresh volume every 4 steps on average; crops are rotated/flipped and
 given random gain, offset, gamma and noise.
 
-Measured wall time: see ``training.wall_time_s`` in ``engine/default_bundle/bundle.json`` (2-core AMD EPYC
-Zen 4, shared with other jobs).
+Measured wall time: see ``training.wall_time_s`` in ``engine/default_bundle/bundle.json`` (the machine is
+``training.machine`` there).
 """
 
 from __future__ import annotations

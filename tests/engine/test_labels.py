@@ -16,8 +16,8 @@ from skimage.segmentation import watershed
 
 from engine.bundle import OutputSpec, PostprocessSpec
 from engine.labels import distance_transform, find_seeds, flood, label_cells
-from engine.labels.distance import _bounded_distance
-from engine.labels.flood import _descend
+from engine.labels.distance import bounded_distance
+from engine.labels.flood import descend
 from engine.synthetic import make_membrane_volume
 
 BOUNDARY = OutputSpec(kind="boundary", channel=0, names=("b",))
@@ -67,7 +67,7 @@ def test_a_big_neighbour_does_not_suppress_a_small_cells_seed() -> None:
 def test_distance_is_scipys(bound: int) -> None:
     mask = _membrane_probs()[0] < 0.5
     expected = ndimage.distance_transform_edt(mask).astype(np.float32)
-    got = _bounded_distance(mask, bound)
+    got = bounded_distance(mask, bound)
     if expected.max() <= bound:
         assert got is not None and np.array_equal(got, expected)
     else:
@@ -109,7 +109,7 @@ def test_matches_full_watershed_on_membranes() -> None:
 def test_descent_follows_the_slope_and_leaves_plateaus() -> None:
     image = np.array([[[0.0, 0.5, 0.9, 0.6, 0.0, 0.7, 0.7]]], dtype=np.float32)
     labels = np.array([[[1, 0, 0, 0, 2, 0, 0]]], dtype=np.int32)
-    got, reached = _descend(image, labels)
+    got, reached = descend(image, labels)
     assert np.allclose(reached, [[[0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.7]]])  # the level each voxel is reached at
     # the ridge (0.9) goes down its steeper side (0.5, to cell 1); the last voxel sits on a plateau (left to the flood)
     assert got.tolist() == [[[1, 1, 1, 2, 2, 2, 0]]]

@@ -23,6 +23,7 @@ from bisque_engine import (
 from bisque_server import BisqueTestServer
 from bqapi import BQSession
 
+from engine.bundle import load_bundle
 from engine.io import open_volume
 from wrapper.bisque_io import (
     BisqueError,
@@ -35,6 +36,8 @@ from wrapper.bisque_io import (
 from wrapper.inputs import mex_input_values
 
 POLICY = HttpPolicy(read_timeout=5, retries=1, backoff=0)
+_SHIPPED = load_bundle(None).postprocess
+MIN_DIST, LABEL_THRESHD = str(_SHIPPED.min_dist), str(_SHIPPED.label_threshd)  # the module XML's defaults follow the bundle
 
 
 def _imagej_tiff(shape: tuple[int, int, int] = (4, 6, 8)) -> bytes:
@@ -81,7 +84,7 @@ def test_web_ui_inputs_are_typed_and_bq_parameters_fails_on_an_empty_one(bisque_
     with pytest.raises(ValueError, match="could not convert string to float"):
         bq.parameters()
     values = mex_input_values(bq.mex.xmltree)
-    assert values == {"resource_url": image, "threshold": "", "min_dist": "4", "label_threshd": "50",
+    assert values == {"resource_url": image, "threshold": "", "min_dist": MIN_DIST, "label_threshd": LABEL_THRESHD,
                       "mex_url": None, "bisque_token": None}
 
 
@@ -140,7 +143,7 @@ def test_the_engine_drops_valueless_inputs_so_positions_shift(bisque_server: Bis
     module = module_definition()
     mex = web_ui_mex(module, {"resource_url": "http://h/data_service/00-a", "threshold": ""})
     assert engine_argv(module, mex, "http://h/mex/00-m", "admin:00-m") == [
-        "http://h/data_service/00-a", "4", "50", "http://h/mex/00-m", "admin:00-m"]
+        "http://h/data_service/00-a", MIN_DIST, LABEL_THRESHD, "http://h/mex/00-m", "admin:00-m"]
 
 
 def test_upload_error_is_an_http_200_with_an_error_tag(bisque_server: BisqueTestServer, tmp_path: Path) -> None:
