@@ -27,13 +27,13 @@ from typing import Any
 import cc3d
 import numpy as np
 import torch
-from scipy import ndimage
 
 from engine.labels import EdgeTable, distance_transform, find_seeds
 from engine.labels import device as dev
 from engine.labels.distance import bounded_distance
 from engine.labels.flood import descend, resolve_components
 from engine.labels.seeds import path_maximum, seed_radius
+from engine.synthetic import boundary_probability
 from engine.tissue import TissueSettings, make_tissue_volume
 
 __all__ = ["boundary_map", "main"]
@@ -44,17 +44,7 @@ MIN_DIST = 4
 
 def boundary_map(shape: tuple[int, int, int], seed: int = 5) -> np.ndarray:
     """A boundary probability map (float32) of an ``engine.tissue`` stack's true cells."""
-    labels = make_tissue_volume(shape, seed=seed, settings=TissueSettings()).labels
-    wall = np.zeros(shape, bool)
-    for axis in range(3):
-        differ = np.diff(labels.astype(np.int64), axis=axis) != 0
-        lo, hi = [slice(None)] * 3, [slice(None)] * 3
-        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
-        wall[tuple(lo)] |= differ
-        wall[tuple(hi)] |= differ
-    p = ndimage.gaussian_filter(np.where(wall, 0.9, 0.05).astype(np.float32), 0.8)
-    rng = np.random.default_rng(seed)
-    return np.clip(p + rng.normal(0.0, 0.03, shape).astype(np.float32), 0.0, 1.0).astype(np.float32)
+    return boundary_probability(make_tissue_volume(shape, seed=seed, settings=TissueSettings()).labels, seed=seed)
 
 
 def _best(run: Callable[[], Any], sync: Callable[[], None], repeats: int = 3) -> tuple[float, Any]:

@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 from engine.bundle import Normalization
 from engine.normalize import normalize
 from engine.scale import resample
-from engine.synthetic import make_membrane_volume
+from engine.synthetic import boundary_mask, make_membrane_volume
 from engine.tissue import TissueSettings, make_tissue_volume
 
 __all__ = [
@@ -82,16 +82,7 @@ class TrainVolume:
 
 def boundary_target(labels: NDArray[np.integer], /) -> NDArray[np.uint8]:
     """1 where a voxel has a 6-neighbour with another label (both sides of every interface), else 0."""
-    mask = np.zeros(labels.shape, dtype=bool)
-    for axis in range(labels.ndim):
-        lo = [slice(None)] * labels.ndim
-        hi = [slice(None)] * labels.ndim
-        lo[axis] = slice(0, -1)
-        hi[axis] = slice(1, None)
-        differs = labels[tuple(lo)] != labels[tuple(hi)]
-        mask[tuple(lo)] |= differs
-        mask[tuple(hi)] |= differs
-    return mask.astype(np.uint8)
+    return boundary_mask(labels).astype(np.uint8)
 
 
 def _tissue_volume(seed: int, settings: DataSettings, rng: np.random.Generator) -> TrainVolume:

@@ -34,7 +34,7 @@ from engine.labels.flood import resolve_components
 from engine.labels.graph import EdgeTable
 from engine.labels.seeds import path_maximum as np_path_maximum
 from engine.labels.seeds import seed_radius
-from engine.synthetic import make_membrane_volume
+from engine.synthetic import boundary_probability, make_membrane_volume
 
 CPU = torch.device("cpu")
 SHAPE = (32, 96, 96)
@@ -45,17 +45,7 @@ THRESHOLD = 0.8  # interior = 1 - boundary > 0.8, as SlabLabeler._mask for a bou
 def _membrane(seed: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """A boundary probability map of synthetic cells (float32) and its true labels (uint32)."""
     labels = make_membrane_volume(SHAPE, seed=seed).labels
-    wall = np.zeros(SHAPE, bool)
-    for axis in range(3):
-        differ = np.diff(labels.astype(np.int64), axis=axis) != 0
-        lo, hi = [slice(None)] * 3, [slice(None)] * 3
-        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
-        wall[tuple(lo)] |= differ
-        wall[tuple(hi)] |= differ
-    rng = np.random.default_rng(seed)
-    p = ndimage.gaussian_filter(np.where(wall, 0.9, 0.05).astype(np.float32), 0.8)
-    p = np.clip(p + rng.normal(0.0, 0.03, SHAPE), 0.0, 1.0).astype(np.float32)
-    return p, labels
+    return boundary_probability(labels, seed=seed), labels
 
 
 def _interior(p: np.ndarray) -> np.ndarray:
