@@ -8,7 +8,8 @@
 #   - everything packed into OUT_DIR/results.tar.gz (checkpoints, bundles, logs) plus the logs beside it.
 #
 # Usage: scripts/gpu_session.sh [OUT_DIR] [TRAIN_SECONDS]   (default: gpu_out, 330)
-# Needs a CUDA torch, edt and cc3d (the device machine gets them as wheels); nothing else is installed.
+# Needs a CUDA torch, edt, cc3d and onnxconverter-common (the backend tests export; the lent H200 lacked all
+# three: carry them as wheels); nothing is installed here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_out}
