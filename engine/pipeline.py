@@ -116,7 +116,7 @@ def _run(
         store, write_probs = outputs.open((k, z, y, x), streamed=report.n_slabs > 1)
         labeler = SlabLabeler(
             (z, y, x), output=bundle.output, spec=plan.spec, sampling=plan.scale.sampling, depth=plan.slabs.depth,
-            halo=plan.slabs.halo, tile=plan.slabs.tile, store=store,
+            halo=plan.slabs.halo, tile=plan.slabs.tile, store=store, device=backend.device,
         )
         report.label_tile = labeler.tile or 0
         run = backend.run if plan.scale.identity else ScaledRun(backend.run, plan.model_patch)

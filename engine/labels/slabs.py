@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import cc3d
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
 from ..bundle import OutputSpec, PostprocessSpec
@@ -105,6 +106,8 @@ class SlabLabeler:
             it (None: whole planes), so a window's size stays bounded however wide the planes are.
         store: where the provisional labels of finished cores go (``write(z0, core)``).
         threads: threads for the distance transform and flood inside a window (None: every core).
+        device: where the flood's steepest descent runs, the backend's device (None: the CPU); the rest of
+            the labelling runs on the host.
     """
 
     def __init__(
@@ -120,9 +123,11 @@ class SlabLabeler:
         store: MemoryLabelStore | FileLabelStore,
         tile: int | None = None,
         threads: int | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.shape, self.output, self.spec, self.sampling = shape, output, spec, sampling
         self.threads = threads
+        self.device = device  # where the flood's steepest descent runs: the backend's device
         self.depth = max(1, int(depth))
         self.halo = 0 if spec.method == "components" else max(0, int(halo))
         z_over_xy = float(sampling[0]) / min(float(sampling[1]), float(sampling[2])) if sampling is not None else 1.0
@@ -248,7 +253,7 @@ class SlabLabeler:
         lut = self._marker_ids(markers, int(markers.max()), registry[3], markers[tuple(local.T)])
         self._link_pending(markers, lut, block)
         if self.output.kind == "boundary":
-            flooded = flood(image, markers, components, confined=False)
+            flooded = flood(image, markers, components, confined=False, device=self.device)
             clear_background(flooded, mask, sampling=self.sampling, threads=threads)
         else:
             flooded = flood(-distance, markers, components, confined=True)

@@ -4,13 +4,17 @@ Seeds: every interior component gets one, seeds of one component are ``min_dist`
 cannot suppress a small cell's seed (they are not skimage's ``peak_local_max(labels=...)``: on this map
 80% of components get the same number of seeds, and the labelling scores higher, see PERFORMANCE.md); the distance
 transform equals scipy's (bit for bit on the bounded path, to float32 through ``edt``); threads do not
-change the labels; the membrane assignment by steepest descent agrees with the plain seeded flood.
+change the labels; the membrane assignment by steepest descent agrees with the plain seeded flood, on the
+CPU or on the backend's device (a GPU that runs out of memory hands the descent back to the CPU).
 """
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 from skimage.segmentation import watershed
 
@@ -20,6 +24,7 @@ from engine.labels.distance import bounded_distance
 from engine.labels.flood import descend
 from engine.synthetic import make_membrane_volume
 
+flood_module = importlib.import_module("engine.labels.flood")  # the module (engine.labels.flood is the function)
 BOUNDARY = OutputSpec(kind="boundary", channel=0, names=("b",))
 
 
@@ -116,3 +121,39 @@ def test_descent_follows_the_slope_and_leaves_plateaus() -> None:
     probs = np.concatenate([image, image], axis=1)[None]  # (1, 1, 2, 7): the plateau is flooded from cell 2
     spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=1, label_threshd=1)
     assert label_cells(probs, output=BOUNDARY, spec=spec)[0].tolist() == [[1, 1, 1, 2, 2, 2, 2]] * 2
+
+
+def _flood_inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    probs = _membrane_probs()
+    mask = probs[0] < 0.5
+    components = _components(mask)
+    seeds = find_seeds(distance_transform(mask, sampling=None, threads=1), components, min_dist=3, sampling=None)
+    markers = np.zeros(mask.shape, np.int32)
+    markers[tuple(seeds.T)] = np.arange(1, len(seeds) + 1)
+    return probs[0], markers, components
+
+
+def test_flood_falls_back_to_the_cpu_when_the_device_runs_out_of_memory(monkeypatch, caplog) -> None:
+    """The descent on a device that raises out of memory (here the meta device, made to) runs on the CPU instead,
+    with a warning, and gives the CPU's labels; the CPU device gives the same labels as no device."""
+    image, markers, components = _flood_inputs()
+    want = flood(image, markers, components, confined=False)
+    assert np.array_equal(flood(image, markers, components, confined=False, device=torch.device("cpu")), want)
+    real = flood_module.torch_descend
+
+    def out_of_memory_off_the_cpu(img: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if img.device.type != "cpu":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return real(img, labels)
+
+    monkeypatch.setattr(flood_module, "torch_descend", out_of_memory_off_the_cpu)
+    got = flood(image, markers, components, confined=False, device=torch.device("meta"))
+    assert np.array_equal(got, want)
+    assert "out of memory for the descent" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this host")
+def test_flood_on_cuda_equals_the_cpu() -> None:
+    image, markers, components = _flood_inputs()
+    want = flood(image, markers, components, confined=False)
+    assert np.array_equal(flood(image, markers, components, confined=False, device=torch.device("cuda")), want)
