@@ -37,6 +37,9 @@ components in scan order of their first voxel, as cc3d does.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -51,7 +54,10 @@ __all__ = [
     "faces",
     "path_maximum",
     "peaks",
+    "run_on",
 ]
+
+logger = logging.getLogger(__name__)
 
 _FAR = 30000  # squared distance "beyond the bound", as in distance.bounded_distance
 MAX_BOUND = 52  # _FAR + MAX_BOUND**2 = 32704 still fits int16, so the shifted sums never wrap
@@ -360,3 +366,18 @@ def faces(core: torch.Tensor, boundary: torch.Tensor, /) -> tuple[torch.Tensor, 
     counts = torch.bincount(inverse, minlength=uniq.numel())
     high = torch.div(uniq, 2**32, rounding_mode="floor")
     return high + 2**31, uniq - high * 2**32, sums, counts
+
+
+def run_on(device: torch.device | None, step: Callable[..., tuple[torch.Tensor, ...]], /,
+           *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``step`` (one of the functions above) on ``device`` (the CPU when None) with ``arrays`` as tensors
+    there; its tensors come back as host arrays. A GPU out of memory (the network may hold most of it) runs
+    the step on the CPU instead, with a warning."""
+    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+    if device is not None and device.type != "cpu":
+        try:
+            return tuple(t.cpu().numpy() for t in step(*(t.to(device) for t in tensors)))
+        except torch.cuda.OutOfMemoryError:
+            logger.warning("labelling: %s out of memory for %s over %d voxels; running it on the CPU",
+                           device, getattr(step, "__name__", "a step"), arrays[0].size)
+    return tuple(t.numpy() for t in step(*tensors))

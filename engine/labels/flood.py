@@ -17,8 +17,6 @@ so most voxels never enter one:
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 from numpy.typing import NDArray
@@ -26,10 +24,9 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from .device import descend as torch_descend
+from .device import run_on
 
 __all__ = ["descend", "flood", "resolve_components"]
-
-logger = logging.getLogger(__name__)
 
 TIE_BREAK = 1e-9  # rim order among equal boundary probabilities (float32 steps at membrane levels are >= 3e-8)
 
@@ -105,20 +102,6 @@ def descend(image: np.ndarray, labels: NDArray[np.int32]) -> tuple[NDArray[np.in
     return owner.reshape(shape)[inner].astype(np.int32, copy=False), padded.reshape(shape)[inner]
 
 
-def _descend_on(device: torch.device | None, image: np.ndarray, labels: NDArray[np.int32]) -> tuple[NDArray[np.int32], np.ndarray]:
-    """:func:`engine.labels.device.descend` on ``device`` (the CPU when None), results on the host. Out of
-    memory on a GPU (the network may hold most of it) falls back to the CPU, with a warning."""
-    image_t, labels_t = torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(labels))
-    if device is not None and device.type != "cpu":
-        try:
-            got, reached = torch_descend(image_t.to(device), labels_t.to(device))
-            return got.cpu().numpy(), reached.cpu().numpy()
-        except torch.cuda.OutOfMemoryError:
-            logger.warning("labelling: %s out of memory for the descent over %d voxels; running it on the CPU", device, image.size)
-    got, reached = torch_descend(image_t, labels_t)
-    return got.numpy(), reached.numpy()
-
-
 def flood(image: np.ndarray, markers: NDArray[np.int32], components: NDArray[np.int32], /, *, confined: bool,
           device: torch.device | None = None) -> NDArray[np.int32]:
     """Seeded watershed of ``image`` (lowest first) from ``markers``.
@@ -128,12 +111,13 @@ def flood(image: np.ndarray, markers: NDArray[np.int32], components: NDArray[np.
         markers: seeds 1..k, inside ``components``.
         components: the interior's connected components.
         confined: the flood stays inside the components (foreground models); else it fills the volume.
-        device: where the steepest descent runs (the backend's device; the CPU when None).
+        device: where the steepest descent runs (the backend's device; the CPU when None; a GPU out of
+            memory hands it to the CPU).
     """
     resolved = resolve_components(image, markers, components)
     if confined or not (resolved == 0).any():
         return resolved
-    descended, reached = _descend_on(device, image, resolved)
+    descended, reached = run_on(device, torch_descend, image, resolved)
     rest = descended == 0
     if not rest.any():
         return descended

@@ -41,6 +41,7 @@ import torch
 from numpy.typing import NDArray
 
 from ..bundle import OutputSpec, PostprocessSpec
+from .device import faces, run_on
 from .distance import available_cores, clear_background, distance_transform
 from .flood import flood
 from .graph import EdgeTable, agglomerate
@@ -106,8 +107,8 @@ class SlabLabeler:
             it (None: whole planes), so a window's size stays bounded however wide the planes are.
         store: where the provisional labels of finished cores go (``write(z0, core)``).
         threads: threads for the distance transform and flood inside a window (None: every core).
-        device: where the flood's steepest descent runs, the backend's device (None: the CPU); the rest of
-            the labelling runs on the host.
+        device: the backend's device (None: the CPU); on a GPU the flood's steepest descent and the region
+            graph's faces run there, the rest of the labelling on the host.
     """
 
     def __init__(
@@ -127,7 +128,7 @@ class SlabLabeler:
     ) -> None:
         self.shape, self.output, self.spec, self.sampling = shape, output, spec, sampling
         self.threads = threads
-        self.device = device  # where the flood's steepest descent runs: the backend's device
+        self.device = device
         self.depth = max(1, int(depth))
         self.halo = 0 if spec.method == "components" else max(0, int(halo))
         z_over_xy = float(sampling[0]) / min(float(sampling[1]), float(sampling[2])) if sampling is not None else 1.0
@@ -270,8 +271,12 @@ class SlabLabeler:
         return labels
 
     def _add_edges(self, edges: EdgeTable, core: NDArray[np.uint32], boundary: NDArray[np.float32]) -> None:
-        """The core's faces, and those to the previous core's last plane, into the region graph."""
-        edges.add_piece(core, boundary)
+        """The core's faces, and those to the previous core's last plane, into the region graph (the core's on
+        the backend's GPU when there is one: numpy is as fast on a CPU)."""
+        if self.device is not None and self.device.type != "cpu":
+            edges.add_faces(*run_on(self.device, faces, core, boundary))
+        else:
+            edges.add_piece(core, boundary)
         if self._edge_plane is not None:
             edges.add_between(self._edge_plane[0], self._edge_plane[1], core[0], boundary[0])
         self._edge_plane = (core[-1].copy(), boundary[-1].copy())
@@ -335,6 +340,7 @@ def label_cells(
     spec: PostprocessSpec,
     sampling: Sequence[float] | None = None,
     threads: int | None = None,
+    device: torch.device | None = None,
 ) -> NDArray[np.uint32]:
     """Label cells in a whole probability map: the one-core case of :class:`SlabLabeler`.
 
@@ -345,13 +351,15 @@ def label_cells(
         sampling: voxel size ``(z, y, x)`` in the units of ``spec.min_dist`` (the model's voxels, see
             :mod:`engine.scale`); isotropic voxels when None.
         threads: threads for the distance transform (None: every core this process may use).
+        device: as for :class:`SlabLabeler`.
 
     Returns:
         ``(Z, Y, X)`` uint32 labels, 0 = background, cells 1..n.
     """
     shape = (int(probs.shape[1]), int(probs.shape[2]), int(probs.shape[3]))
     store = MemoryLabelStore(shape)
-    labeler = SlabLabeler(shape, output=output, spec=spec, sampling=sampling, depth=shape[0], halo=0, store=store, threads=threads)
+    labeler = SlabLabeler(shape, output=output, spec=spec, sampling=sampling, depth=shape[0], halo=0, store=store, threads=threads,
+                          device=device)
     labeler.push(0, probs)
     final = labeler.finish()
     for _ in store.relabel(final.lut, chunk=shape[0]):

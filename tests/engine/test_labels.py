@@ -123,37 +123,32 @@ def test_descent_follows_the_slope_and_leaves_plateaus() -> None:
     assert label_cells(probs, output=BOUNDARY, spec=spec)[0].tolist() == [[1, 1, 1, 2, 2, 2, 2]] * 2
 
 
-def _flood_inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    probs = _membrane_probs()
-    mask = probs[0] < 0.5
-    components = _components(mask)
-    seeds = find_seeds(distance_transform(mask, sampling=None, threads=1), components, min_dist=3, sampling=None)
-    markers = np.zeros(mask.shape, np.int32)
-    markers[tuple(seeds.T)] = np.arange(1, len(seeds) + 1)
-    return probs[0], markers, components
+def test_labelling_on_a_device_out_of_memory_equals_the_host_labelling(monkeypatch, caplog) -> None:
+    """With a device, the flood's descent and the region graph's faces go there; one that runs out of memory
+    (the meta device, made to) hands both to the CPU's torch steps: the labels equal the host labelling's."""
+    probs = _membrane_probs((40, 64, 64))
+    spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=3, label_threshd=5, merge_threshold=0.5)
+    want = label_cells(probs, output=BOUNDARY, spec=spec)
+    slabs_module = importlib.import_module("engine.labels.slabs")
 
+    def off_the_cpu_out_of_memory(step):  # noqa: ANN001, ANN202
+        def run(*tensors: torch.Tensor):  # noqa: ANN202
+            if tensors[0].device.type != "cpu":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+            return step(*tensors)
+        run.__name__ = step.__name__
+        return run
 
-def test_flood_falls_back_to_the_cpu_when_the_device_runs_out_of_memory(monkeypatch, caplog) -> None:
-    """The descent on a device that raises out of memory (here the meta device, made to) runs on the CPU instead,
-    with a warning, and gives the CPU's labels; the CPU device gives the same labels as no device."""
-    image, markers, components = _flood_inputs()
-    want = flood(image, markers, components, confined=False)
-    assert np.array_equal(flood(image, markers, components, confined=False, device=torch.device("cpu")), want)
-    real = flood_module.torch_descend
-
-    def out_of_memory_off_the_cpu(img: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if img.device.type != "cpu":
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
-        return real(img, labels)
-
-    monkeypatch.setattr(flood_module, "torch_descend", out_of_memory_off_the_cpu)
-    got = flood(image, markers, components, confined=False, device=torch.device("meta"))
-    assert np.array_equal(got, want)
-    assert "out of memory for the descent" in caplog.text
+    monkeypatch.setattr(flood_module, "torch_descend", off_the_cpu_out_of_memory(flood_module.torch_descend))
+    monkeypatch.setattr(slabs_module, "faces", off_the_cpu_out_of_memory(slabs_module.faces))
+    got = label_cells(probs, output=BOUNDARY, spec=spec, device=torch.device("meta"))
+    assert want.max() > 20 and np.array_equal(got, want)
+    assert "out of memory for descend" in caplog.text and "out of memory for faces" in caplog.text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this host")
-def test_flood_on_cuda_equals_the_cpu() -> None:
-    image, markers, components = _flood_inputs()
-    want = flood(image, markers, components, confined=False)
-    assert np.array_equal(flood(image, markers, components, confined=False, device=torch.device("cuda")), want)
+def test_labelling_on_cuda_equals_the_host_labelling() -> None:
+    probs = _membrane_probs((40, 64, 64))
+    spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=3, label_threshd=5, merge_threshold=0.5)
+    want = label_cells(probs, output=BOUNDARY, spec=spec)
+    assert np.array_equal(label_cells(probs, output=BOUNDARY, spec=spec, device=torch.device("cuda")), want)
