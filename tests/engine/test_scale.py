@@ -113,12 +113,16 @@ def test_chord_diameters_of_a_regular_grid_of_boxes() -> None:
     assert chord_diameters(np.ones((8, 8, 8), dtype=bool)) is None  # no complete chord
 
 
-def test_clear_background_removes_what_lies_far_from_every_interior() -> None:
+@pytest.mark.parametrize("sampling", [None, (2.0, 1.0, 1.0)])
+def test_clear_background_opens_the_not_interior_and_keeps_membranes(sampling) -> None:
     labels = np.ones((10, 40, 40), dtype=np.int32)
     interior = np.zeros(labels.shape, dtype=bool)
     interior[:, 5:15, 5:15] = True
-    clear_background(labels, interior, sampling=None, threads=1)
-    assert labels[:, 5:15, 5:15].all() and labels[:, 17, 10].all()  # a membrane's width off the interior stays
+    interior[:, 5:15, 21:31] = True  # a membrane 6 voxels wide between two interiors (x 15-20)
+    clear_background(labels, interior, sampling=sampling, threads=1)
+    assert labels[:, 5:15, 5:15].all() and labels[:, 5:15, 21:31].all()  # interiors stay
+    assert labels[:, 8:12, 15:21].all()  # so does the membrane between them, but where it opens to the background
+    assert labels[:, 15, 10].all() and not labels[:, 16:, 10].any()  # one voxel of outer membrane, no more
     assert not labels[:, 30:, 30:].any()
 
 
