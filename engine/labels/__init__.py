@@ -14,7 +14,7 @@ runs through it everywhere (faster than numpy on a CPU too), the region graph's 
 
 from __future__ import annotations
 
-from .distance import clear_background, distance_transform
+from .distance import BACKGROUND_WIDTH, clear_background, distance_transform
 from .flood import flood
 from .graph import EdgeTable, agglomerate
 from .seeds import find_seeds, interior_of, interior_probability
@@ -22,6 +22,7 @@ from .slabs import FileLabelStore, FinalLabels, MemoryLabelStore, SlabLabeler, l
 from .union_find import UnionFind
 
 __all__ = [
+    "BACKGROUND_WIDTH",
     "EdgeTable",
     "FileLabelStore",
     "FinalLabels",

@@ -113,6 +113,13 @@ def test_chord_diameters_of_a_regular_grid_of_boxes() -> None:
     assert chord_diameters(np.ones((8, 8, 8), dtype=bool)) is None  # no complete chord
 
 
+def test_chord_diameters_leave_out_chords_cut_short_by_background() -> None:
+    z, y, x = np.ogrid[:60, :62, :62]
+    interior = (z % 12 < 10) & (y % 12 < 10) & (x % 12 < 10) & (z < 27)  # the tissue ends at z 27, 3 planes into a cell
+    dz, dy, dx = chord_diameters(interior)
+    assert dz == pytest.approx(1.5 * 12) and dy == pytest.approx(1.5 * 12) and dx == pytest.approx(1.5 * 12)
+
+
 @pytest.mark.parametrize("sampling", [None, (2.0, 1.0, 1.0)])
 def test_clear_background_opens_the_not_interior_and_keeps_membranes(sampling) -> None:
     labels = np.ones((10, 40, 40), dtype=np.int32)
