@@ -23,6 +23,8 @@ from engine.bundle import Bundle, load_bundle
 from engine.labels import MemoryLabelStore, SlabLabeler, label_cells
 from engine.metrics import match_instances
 from engine.pipeline import SegmentOptions, segment
+from engine.run_plan import plan_slabs
+from engine.tiling import TilingConfig
 from engine.tissue import TissueSettings, make_tissue_volume
 
 __all__ = ["label_in_slabs", "main"]
@@ -50,10 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     vol = make_tissue_volume((64, 256, 256), seed=5, settings=TissueSettings())
     probs = segment(vol.image, bundle=bundle, options=SegmentOptions(rescale="off", precision="fp32")).probabilities
     mvoxels = vol.labels.size / 1e6
+    config = TilingConfig(patch_shape=bundle.patch_shape, overlap=bundle.overlap)
+    halo = plan_slabs((1, *probs.shape[1:]), grid_config=config, out_channels=1, spec=bundle.postprocess, depth=32).halo
     ways: list[tuple[str, Callable[[], np.ndarray]]] = [
         ("whole volume", lambda: label_cells(probs, output=bundle.output, spec=bundle.postprocess)),
         ("16-plane cores + 16 halo", lambda: label_in_slabs(probs, bundle, depth=16, halo=16)),
         ("32-plane cores + 16 halo, 128x128 tiles", lambda: label_in_slabs(probs, bundle, depth=32, halo=16, tile=128)),
+        (f"32-plane cores + {halo} halo (the pipeline's)", lambda: label_in_slabs(probs, bundle, depth=32, halo=halo)),
     ]
     for name, run in ways:
         best = float("inf")

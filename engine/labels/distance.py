@@ -12,15 +12,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import cc3d
 import edt
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["BACKGROUND_MARGIN", "BACKGROUND_WIDTH", "available_cores", "bounded_distance", "clear_background", "distance_transform"]
+__all__ = ["BACKGROUND_MARGIN", "BACKGROUND_MIN_VOLUME", "BACKGROUND_WIDTH", "available_cores", "bounded_distance", "clear_background", "distance_transform"]
 
 EDT_BOUNDS = (8, 16)  # isotropic distance transform by bounded shifts first (exact when within the bound)
 BACKGROUND_WIDTH = 4  # model voxels: wider than any membrane; farther from every cell interior is background
 BACKGROUND_MARGIN = 1  # model voxels of outer membrane a cell keeps where it borders background
+BACKGROUND_MIN_VOLUME = 1000  # model voxels (about a 12-voxel cell): a far region this large is space around a tissue
 
 
 def available_cores() -> int:
@@ -84,17 +86,29 @@ def clear_background(
 
     A boundary model marks membranes and, where it was trained on tissue with background around it, the
     background too; the flood would hand that background to the nearest cells. Membranes are a few voxels
-    wide, so what lies farther than :data:`BACKGROUND_WIDTH` from every interior is background, and so is
-    everything within ``BACKGROUND_WIDTH - BACKGROUND_MARGIN`` of that (a morphological opening of the
-    not-interior region, less the margin): the outer cells of a tissue end one voxel past their interior
-    instead of reaching ``BACKGROUND_WIDTH`` into the background (on the validation volumes of
-    ``training.tune_postprocess``: F1 on the dome 0.47 -> 0.61, the other eleven within 0.006).
+    wide, so what lies farther than :data:`BACKGROUND_WIDTH` from every interior is background. Where such
+    a region is larger than a cell (:data:`BACKGROUND_MIN_VOLUME`: the space around a tissue), everything
+    within ``BACKGROUND_WIDTH - BACKGROUND_MARGIN`` of it is background too (a morphological opening, less
+    the margin), so the outer cells end one voxel past their interior instead of reaching
+    ``BACKGROUND_WIDTH`` into it; smaller pockets (membrane junctions, a dim cell) lose only their far voxels.
+    On the validation volumes of ``training.tune_postprocess``: dome F1 0.44 -> 0.63, the others within
+    0.002; opening the small pockets too raised the adapted Rand error of the small- and large-cell volumes.
     """
+    unit = sampling is None or all(float(s) == 1.0 for s in sampling)
     reach = BACKGROUND_WIDTH - BACKGROUND_MARGIN
-    if sampling is None or all(float(s) == 1.0 for s in sampling):  # exact for the two distances that matter
+    if unit:  # exact for the two distances that matter
         far = _bounded_squares(~interior, BACKGROUND_WIDTH) > BACKGROUND_WIDTH**2
-        background = _bounded_squares(~far, reach) <= reach**2
     else:
         far = distance_transform(~interior, sampling=sampling, threads=threads) > BACKGROUND_WIDTH
-        background = distance_transform(~far, sampling=sampling, threads=threads) <= reach
-    labels[background] = 0
+    labels[far] = 0
+    regions = cc3d.connected_components(far, connectivity=26)
+    voxel = 1.0 if unit else float(np.prod([float(s) for s in sampling]))  # type: ignore[union-attr]
+    wide = np.bincount(regions.ravel()) * voxel >= BACKGROUND_MIN_VOLUME
+    wide[0] = False
+    if not wide.any():
+        return
+    outside = wide[regions]
+    if unit:
+        labels[_bounded_squares(~outside, reach) <= reach**2] = 0
+    else:
+        labels[distance_transform(~outside, sampling=sampling, threads=threads) <= reach] = 0

@@ -133,6 +133,15 @@ def test_clear_background_opens_the_not_interior_and_keeps_membranes(sampling) -
     assert not labels[:, 30:, 30:].any()
 
 
+def test_clear_background_takes_only_the_far_voxels_of_a_pocket_smaller_than_a_cell() -> None:
+    labels = np.ones((30, 30, 30), dtype=np.int32)
+    interior = np.ones(labels.shape, dtype=bool)
+    interior[10:21, 10:21, 10:21] = False  # an 11-voxel pocket inside tissue: its centre is far, but it is no background
+    clear_background(labels, interior, sampling=None, threads=1)
+    assert not labels[14:17, 14:17, 14:17].any()  # farther than BACKGROUND_WIDTH from every interior
+    assert labels.sum() == labels.size - 27
+
+
 def test_label_cells_spaces_seeds_in_sampling_units() -> None:
     boundary = np.zeros((1, 12, 30, 30), dtype=np.float32)  # one slab-shaped cell, 12 planes of 1/3 voxel each
     spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=6, label_threshd=1)
