@@ -48,7 +48,7 @@ def classical_segment(image: NDArray[np.number], params: BaselineParams, /) -> N
     scaled = np.clip((data - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
     boundary = ndi.gaussian_filter(scaled, params.sigma)
     spec = PostprocessSpec(method="watershed", threshold=params.threshold, min_dist=params.min_dist, label_threshd=5)
-    labels = label_cells(boundary[np.newaxis], output=_BOUNDARY, spec=spec)
+    labels = label_cells(boundary[np.newaxis], output=_BOUNDARY, spec=spec, open_background=False)  # bright is no background
     if params.foreground > 0:
         background = ndi.gaussian_filter(scaled, 4.0) < params.foreground
         labels[background] = 0

@@ -109,6 +109,9 @@ class SlabLabeler:
         threads: threads for the distance transform and flood inside a window (None: every core).
         device: the backend's device (None: the CPU); on a GPU the flood's steepest descent and the region
             graph's faces run there, the rest of the labelling on the host.
+        open_background: clear the opening of wide background regions (:func:`.distance.clear_background`);
+            False: only their far voxels (a raw membrane image used as the boundary map, where wide
+            not-interior regions are bright membranes rather than background).
     """
 
     def __init__(
@@ -125,10 +128,11 @@ class SlabLabeler:
         tile: int | None = None,
         threads: int | None = None,
         device: torch.device | None = None,
+        open_background: bool = True,
     ) -> None:
         self.shape, self.output, self.spec, self.sampling = shape, output, spec, sampling
         self.threads = threads
-        self.device = device
+        self.device, self.open_background = device, open_background
         self.depth = max(1, int(depth))
         self.halo = 0 if spec.method == "components" else max(0, int(halo))
         z_over_xy = float(sampling[0]) / min(float(sampling[1]), float(sampling[2])) if sampling is not None else 1.0
@@ -255,7 +259,7 @@ class SlabLabeler:
         self._link_pending(markers, lut, block)
         if self.output.kind == "boundary":
             flooded = flood(image, markers, components, confined=False, device=self.device)
-            clear_background(flooded, mask, sampling=self.sampling, threads=threads)
+            clear_background(flooded, mask, sampling=self.sampling, threads=threads, open_wide=self.open_background)
         else:
             flooded = flood(-distance, markers, components, confined=True)
         del distance, components
@@ -341,6 +345,7 @@ def label_cells(
     sampling: Sequence[float] | None = None,
     threads: int | None = None,
     device: torch.device | None = None,
+    open_background: bool = True,
 ) -> NDArray[np.uint32]:
     """Label cells in a whole probability map: the one-core case of :class:`SlabLabeler`.
 
@@ -351,7 +356,7 @@ def label_cells(
         sampling: voxel size ``(z, y, x)`` in the units of ``spec.min_dist`` (the model's voxels, see
             :mod:`engine.scale`); isotropic voxels when None.
         threads: threads for the distance transform (None: every core this process may use).
-        device: as for :class:`SlabLabeler`.
+        device, open_background: as for :class:`SlabLabeler`.
 
     Returns:
         ``(Z, Y, X)`` uint32 labels, 0 = background, cells 1..n.
@@ -359,7 +364,7 @@ def label_cells(
     shape = (int(probs.shape[1]), int(probs.shape[2]), int(probs.shape[3]))
     store = MemoryLabelStore(shape)
     labeler = SlabLabeler(shape, output=output, spec=spec, sampling=sampling, depth=shape[0], halo=0, store=store, threads=threads,
-                          device=device)
+                          device=device, open_background=open_background)
     labeler.push(0, probs)
     final = labeler.finish()
     for _ in store.relabel(final.lut, chunk=shape[0]):
