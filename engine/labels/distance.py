@@ -104,10 +104,10 @@ def clear_background(
     else:
         far = distance_transform(~interior, sampling=sampling, threads=threads) > BACKGROUND_WIDTH
     labels[far] = 0
-    if not open_wide:
+    voxel = 1.0 if unit else float(np.prod([float(s) for s in sampling]))  # type: ignore[union-attr]
+    if not open_wide or np.count_nonzero(far) * voxel < BACKGROUND_MIN_VOLUME:  # no region can be that large
         return
     regions = cc3d.connected_components(far, connectivity=26)
-    voxel = 1.0 if unit else float(np.prod([float(s) for s in sampling]))  # type: ignore[union-attr]
     wide = np.bincount(regions.ravel()) * voxel >= BACKGROUND_MIN_VOLUME
     wide[0] = False
     if not wide.any():

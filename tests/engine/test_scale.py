@@ -133,6 +133,14 @@ def test_clear_background_opens_the_not_interior_and_keeps_membranes(sampling) -
     assert not labels[:, 30:, 30:].any()
 
 
+def test_clear_background_without_the_opening_takes_only_far_voxels() -> None:
+    labels = np.ones((10, 40, 40), dtype=np.int32)
+    interior = np.zeros(labels.shape, dtype=bool)
+    interior[:, 5:15, 5:15] = True
+    clear_background(labels, interior, sampling=None, threads=1, open_wide=False)
+    assert labels[:, 18, 10].all() and not labels[:, 19:, 10].any()  # 4 voxels off the interior stay
+
+
 def test_clear_background_takes_only_the_far_voxels_of_a_pocket_smaller_than_a_cell() -> None:
     labels = np.ones((30, 30, 30), dtype=np.int32)
     interior = np.ones(labels.shape, dtype=bool)
