@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, replace
 
 from .backends import Backend
@@ -27,7 +28,8 @@ from .scale import ScalePlan, plan_for_source
 from .streaming import Source
 from .tiling import SlabGrid, TilingConfig
 
-__all__ = ["DEFAULT_MEMORY_BYTES", "RunPlan", "SegmentOptions", "SlabPlan", "available_memory", "check_options", "plan_run", "plan_slabs"]
+__all__ = ["DEFAULT_MEMORY_BYTES", "RunPlan", "SegmentOptions", "SlabPlan", "available_memory", "check_options", "memory_budget",
+           "plan_run", "plan_slabs", "resident_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -222,12 +224,24 @@ def check_options(options: SegmentOptions, /) -> None:
         raise InputError(f"rescale must be 'auto' or 'off', got {options.rescale!r}")
 
 
+def resident_memory() -> int:
+    """This process's resident set (bytes) from /proc/self/statm, or 0 where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def memory_budget(options: SegmentOptions, /) -> int:
-    """The host working-memory budget: the caller's, else :data:`DEFAULT_MEMORY_BYTES`, at most half the
-    available memory."""
+    """The host working-memory budget: the caller's, else :data:`DEFAULT_MEMORY_BYTES` less what the process
+    already holds (torch, the model: ~0.27 GB; the promise is input + output + 2 GiB for the whole process,
+    and on a 128x1024x1024 stack the buffers alone filled the 2 GiB: peak 2.9-3.0 GB), at least half of it,
+    and at most half the available memory."""
     if options.memory_limit_gib:
         return int(options.memory_limit_gib * 2**30)
-    return min(DEFAULT_MEMORY_BYTES, available_memory() // 2)
+    working = max(DEFAULT_MEMORY_BYTES - resident_memory(), DEFAULT_MEMORY_BYTES // 2)
+    return min(working, available_memory() // 2)
 
 
 def _network_bytes(budget: int, bundle: Bundle, options: SegmentOptions, model_shape: tuple[int, int, int]) -> float | None:

@@ -393,3 +393,15 @@ def test_prefetched_keeps_order_and_raises_the_producers_error() -> None:
     early = prefetched(iter(range(1000)))
     assert next(early) == 0
     early.close()  # stops the producer thread
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc to read the resident set")
+def test_default_memory_budget_leaves_out_what_the_process_already_holds() -> None:
+    from engine.run_plan import DEFAULT_MEMORY_BYTES, available_memory, memory_budget, resident_memory
+
+    held = resident_memory()
+    assert held > 50 * 2**20  # python, numpy and torch are loaded
+    budget = memory_budget(SegmentOptions())
+    assert budget <= DEFAULT_MEMORY_BYTES - held + 16 * 2**20  # the resident set may shrink a little meanwhile
+    assert budget >= min(DEFAULT_MEMORY_BYTES // 2, available_memory() // 2)
+    assert memory_budget(SegmentOptions(memory_limit_gib=1.5)) == int(1.5 * 2**30)  # a given limit is the caller's
