@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BYTES = 2 * 2**30
 NETWORK_SHARE = 0.5  # of the budget, for the CPU network's activations and one patch row's accumulators
-LABEL_SHARE = 0.3  # for a labelling window; the full planes it is cut from take at most PLANES_SHARE
-PLANES_SHARE = 0.2
+LABEL_SHARE = 0.2  # for a labelling window; the full planes it is cut from take at most PLANES_SHARE
+PLANES_SHARE = 0.3
 # Host bytes per voxel of each working buffer, measured on 64x256x256 stacks (see tests/engine/test_streaming.py).
 POSTPROCESS_BYTES = {"watershed": 72, "components": 24}
 _MIN_DEPTH = 8
