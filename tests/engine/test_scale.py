@@ -16,6 +16,7 @@ from engine.labels import clear_background, label_cells
 from engine.scale import ScaledRun, chord_diameters, plan_for_source, plan_scale, resample
 from engine.streaming import ArraySource
 from engine.synthetic import make_membrane_volume
+from engine.tissue import TissueSettings, make_tissue_volume
 
 RANGE = (9.0, 24.0)
 
@@ -183,6 +184,19 @@ def test_estimator_finds_cell_size_and_anisotropy_within_20_percent(bundle, z_st
     # measured: z_step 1 -> 13.1/13.3/13.4 for a true 13.7; z_step 3 -> 4.8/14.4/14.6 (anisotropy 2.99)
     assert np.sqrt(dy * dx) == pytest.approx(_truth_diameter(truth, z_step), rel=0.2)
     assert np.sqrt(dy * dx) / dz == pytest.approx(z_step, rel=0.2)
+
+
+def test_estimator_sees_the_z_step_of_a_dome_with_background_around_it(bundle) -> None:
+    from engine.backends import BackendOptions, select_backend
+
+    vol = make_tissue_volume((20, 128, 128), seed=958, settings=TissueSettings(cell_diameter=11, z_step=2, dome=True))
+    data = vol.image[np.newaxis]
+    with select_backend("torch-cpu", bundle, options=BackendOptions(precision="fp32")) as backend:
+        plan = plan_for_source(ArraySource(data), normalization_stats(data, bundle.normalization), bundle=bundle,
+                               run=backend.run, device=backend.device, voxel_size_um=None, cell_diameter=None)
+    dz, dy, dx = plan.cell_diameter_voxels
+    # measured (fp32): 5.48/10.68/11.29, z/xy 2.00; counting the chords that end at the background: 4.14/10.0/10.4, 2.46
+    assert np.sqrt(dy * dx) / dz == pytest.approx(2.0, rel=0.15)
 
 
 def test_rescaled_run_keeps_the_input_grid_and_streams_alike(bundle) -> None:
