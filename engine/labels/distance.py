@@ -98,11 +98,7 @@ def clear_background(
     ``open_wide=False``: only the far voxels, wide regions too.
     """
     unit = sampling is None or all(float(s) == 1.0 for s in sampling)
-    reach = BACKGROUND_WIDTH - BACKGROUND_MARGIN
-    if unit:  # exact for the two distances that matter
-        far = _bounded_squares(~interior, BACKGROUND_WIDTH) > BACKGROUND_WIDTH**2
-    else:
-        far = distance_transform(~interior, sampling=sampling, threads=threads) > BACKGROUND_WIDTH
+    far = _beyond(~interior, BACKGROUND_WIDTH, sampling=sampling, unit=unit, threads=threads)
     labels[far] = 0
     voxel = 1.0 if unit else float(np.prod([float(s) for s in sampling]))  # type: ignore[union-attr]
     if not open_wide or np.count_nonzero(far) * voxel < BACKGROUND_MIN_VOLUME:  # no region can be that large
@@ -112,8 +108,15 @@ def clear_background(
     wide[0] = False
     if not wide.any():
         return
-    outside = wide[regions]
+    reach = BACKGROUND_WIDTH - BACKGROUND_MARGIN
+    labels[~_beyond(~wide[regions], reach, sampling=sampling, unit=unit, threads=threads)] = 0
+
+
+def _beyond(
+    mask: NDArray[np.bool_], width: int, /, *, sampling: Sequence[float] | None, unit: bool, threads: int
+) -> NDArray[np.bool_]:
+    """The ``mask`` voxels farther than ``width`` from every voxel outside it (isotropic voxels: one bounded
+    pass, exact at that distance; else the sampled distance transform)."""
     if unit:
-        labels[_bounded_squares(~outside, reach) <= reach**2] = 0
-    else:
-        labels[distance_transform(~outside, sampling=sampling, threads=threads) <= reach] = 0
+        return _bounded_squares(mask, width) > width**2
+    return distance_transform(mask, sampling=sampling, threads=threads) > width
