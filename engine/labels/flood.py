@@ -102,6 +102,19 @@ def descend(image: np.ndarray, labels: NDArray[np.int32]) -> tuple[NDArray[np.in
     return owner.reshape(shape)[inner].astype(np.int32, copy=False), padded.reshape(shape)[inner]
 
 
+def _rim(region: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """The voxels outside ``region`` with a face neighbour in it (``binary_dilation(region) & ~region``, by
+    six shifted ORs: a third of scipy's time)."""
+    grown = region.copy()
+    for axis in range(region.ndim):
+        n = region.shape[axis]
+        lo = tuple(slice(0, n - 1) if a == axis else slice(None) for a in range(region.ndim))
+        hi = tuple(slice(1, n) if a == axis else slice(None) for a in range(region.ndim))
+        grown[lo] |= region[hi]
+        grown[hi] |= region[lo]
+    return grown & ~region
+
+
 def flood(image: np.ndarray, markers: NDArray[np.int32], components: NDArray[np.int32], /, *, confined: bool,
           device: torch.device | None = None) -> NDArray[np.int32]:
     """Seeded watershed of ``image`` (lowest first) from ``markers``.
@@ -125,7 +138,7 @@ def flood(image: np.ndarray, markers: NDArray[np.int32], components: NDArray[np.
     # of its own value, and among rim voxels of equal value, those the full flood reached earlier (from a
     # lower neighbour) go first, as they were queued first there: a tie-break of 1-2e-9, far below the
     # gap between distinct float32 probabilities at membrane levels.
-    rim = ndimage.binary_dilation(rest) & ~rest
+    rim = _rim(rest)
     priority = image.astype(np.float64)
     late = rim & (resolved == 0)
     priority[late] -= TIE_BREAK * (2.0 - reached[late])

@@ -181,8 +181,10 @@ class SlabLabeler:
             self._drop_planes_below(c1 - self.halo)
         return done
 
-    def _planes(self, a: int, b: int) -> NDArray[np.float32]:
-        parts = [chunk[max(a, z) - z : b - z] for z, chunk in self._chunks if z < b and z + len(chunk) > a]
+    def _planes(self, a: int, b: int, ys: slice = slice(None), xs: slice = slice(None)) -> NDArray[np.float32]:
+        """Planes ``[a, b)`` of the boundary channel, rows ``ys`` and columns ``xs``, cut from the chunks that
+        hold them (a view when one chunk holds them all; a window of a tile is never copied as whole planes)."""
+        parts = [chunk[max(a, z) - z : b - z, ys, xs] for z, chunk in self._chunks if z < b and z + len(chunk) > a]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _drop_planes_below(self, z: int) -> None:
@@ -225,17 +227,16 @@ class SlabLabeler:
 
     def _watershed(self, c0: int, c1: int) -> NDArray[np.uint32]:
         w0, w1 = max(0, c0 - self.halo), min(self.shape[0], c1 + self.halo)
-        image = self._planes(w0, w1)
         core = np.zeros((c1 - c0, *self.shape[1:]), dtype=np.uint32)
         h = self.halo_xy
         for y0, y1, x0, x1 in self._tiles():
             wy0, wx0 = max(0, y0 - h), max(0, x0 - h)
-            window = np.ascontiguousarray(image[:, wy0 : y1 + h, wx0 : x1 + h])
+            window = np.ascontiguousarray(self._planes(w0, w1, slice(wy0, y1 + h), slice(wx0, x1 + h)))
             block = _Block(c0, c1, y0, y1, x0, x1, origin=np.array([w0, wy0, wx0], dtype=np.int64))
             core[:, y0:y1, x0:x1] = self._watershed_block(window, block)
         self._registry = self._registry[:, self._registry[0] >= c1 - self.halo]
         if self.edges is not None:
-            self._add_edges(self.edges, core, image[c0 - w0 : c1 - w0])
+            self._add_edges(self.edges, core, c0)
         return core
 
     def _watershed_block(self, image: NDArray[np.float32], block: _Block) -> NDArray[np.uint32]:
@@ -263,27 +264,32 @@ class SlabLabeler:
         else:
             flooded = flood(-distance, markers, components, confined=True)
         del distance, components
-        labels = lut.astype(np.uint32)[flooded[block.local()]]
+        in_block = flooded[block.local()]
+        labels = lut.astype(np.uint32)[in_block]
         at = np.argwhere(seeds)
         ids = lut[markers[tuple(at.T)]]
         at += block.origin
         mine = block.contains(at)
         self._registry = np.concatenate([self._registry, np.vstack([at[mine].T, ids[mine]])], axis=1)
         # Seeds of blocks not yet done matter only where they flooded into this one; their blocks confirm them.
-        later = ~mine & ~block.done(at) & np.isin(ids, np.unique(labels))
+        present = lut[np.flatnonzero(np.bincount(in_block.ravel(), minlength=len(lut)))]  # ids in the block
+        later = ~mine & ~block.done(at) & np.isin(ids, present)
         self._pending = np.concatenate([self._pending, np.vstack([at[later].T, ids[later]])], axis=1)
         return labels
 
-    def _add_edges(self, edges: EdgeTable, core: NDArray[np.uint32], boundary: NDArray[np.float32]) -> None:
-        """The core's faces, and those to the previous core's last plane, into the region graph (the core's on
-        the backend's GPU when there is one: numpy is as fast on a CPU)."""
-        if self.device is not None and self.device.type != "cpu":
-            edges.add_faces(*run_on(self.device, faces, core, boundary))
-        else:
-            edges.add_piece(core, boundary)
-        if self._edge_plane is not None:
-            edges.add_between(self._edge_plane[0], self._edge_plane[1], core[0], boundary[0])
-        self._edge_plane = (core[-1].copy(), boundary[-1].copy())
+    def _add_edges(self, edges: EdgeTable, core: NDArray[np.uint32], c0: int, /, *, planes: int = 16) -> None:
+        """The faces of the core starting at plane ``c0``, and those to the plane before it, into the region
+        graph, ``planes`` planes at a time (their boundary planes cut from the chunks, never the whole core's);
+        on the backend's GPU when there is one (numpy is as fast on a CPU)."""
+        for a in range(0, len(core), planes):
+            labels, boundary = core[a : a + planes], self._planes(c0 + a, c0 + min(len(core), a + planes))
+            if self.device is not None and self.device.type != "cpu":
+                edges.add_faces(*run_on(self.device, faces, labels, boundary))
+            else:
+                edges.add_piece(labels, boundary)
+            if self._edge_plane is not None:
+                edges.add_between(self._edge_plane[0], self._edge_plane[1], labels[0], boundary[0])
+            self._edge_plane = (labels[-1].copy(), boundary[-1].copy())
 
     def _merge_regions(self, edges: EdgeTable, threshold: float) -> None:
         """Average-linkage agglomeration over the whole volume's region graph (ids joined across cores)."""
