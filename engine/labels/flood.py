@@ -26,7 +26,7 @@ from skimage.segmentation import watershed
 from .device import descend as torch_descend
 from .device import run_on
 
-__all__ = ["descend", "flood", "resolve_components"]
+__all__ = ["descend", "fill", "flood", "resolve_components"]
 
 TIE_BREAK = 1e-9  # rim order among equal boundary probabilities (float32 steps at membrane levels are >= 3e-8)
 
@@ -117,18 +117,33 @@ def _rim(region: NDArray[np.bool_]) -> NDArray[np.bool_]:
 
 def flood(image: np.ndarray, markers: NDArray[np.int32], components: NDArray[np.int32], /, *, confined: bool,
           device: torch.device | None = None) -> NDArray[np.int32]:
-    """Seeded watershed of ``image`` (lowest first) from ``markers``.
+    """Seeded watershed of ``image`` (lowest first) from ``markers``: :func:`resolve_components`, then, unless
+    ``confined``, :func:`fill`.
 
     Args:
         image: what to flood.
         markers: seeds 1..k, inside ``components``.
         components: the interior's connected components.
         confined: the flood stays inside the components (foreground models); else it fills the volume.
+        device: see :func:`fill`.
+    """
+    resolved = resolve_components(image, markers, components)
+    return resolved if confined else fill(image, resolved, device=device)
+
+
+def fill(image: np.ndarray, resolved: NDArray[np.int32], /, *, device: torch.device | None = None) -> NDArray[np.int32]:
+    """Flood the voxels :func:`resolve_components` left unlabelled (membranes, seedless components) from the
+    labelled ones, as the full seeded watershed would (see the module docstring).
+
+    A separate step so a caller can drop the seeds and components first (the labelling window's peak memory).
+
+    Args:
+        image: what to flood.
+        resolved: labels of the seeded components, 0 elsewhere.
         device: where the steepest descent runs (the backend's device; the CPU when None; a GPU out of
             memory hands it to the CPU).
     """
-    resolved = resolve_components(image, markers, components)
-    if confined or not (resolved == 0).any():
+    if not (resolved == 0).any():
         return resolved
     descended, reached = run_on(device, torch_descend, image, resolved)
     rest = descended == 0
@@ -139,8 +154,11 @@ def flood(image: np.ndarray, markers: NDArray[np.int32], components: NDArray[np.
     # lower neighbour) go first, as they were queued first there: a tie-break of 1-2e-9, far below the
     # gap between distinct float32 probabilities at membrane levels.
     rim = _rim(rest)
-    priority = image.astype(np.float64)
     late = rim & (resolved == 0)
-    priority[late] -= TIE_BREAK * (2.0 - reached[late])
+    reached_late = reached[late]
+    del reached
+    priority = image.astype(np.float64)
+    priority[late] -= TIE_BREAK * (2.0 - reached_late)
     flooded = watershed(priority, np.where(rim, descended, 0), mask=rest | rim)
+    del priority
     return np.where(rest, flooded, descended).astype(np.int32, copy=False)

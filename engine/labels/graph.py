@@ -25,11 +25,12 @@ __all__ = ["EdgeTable", "agglomerate"]
 
 def _faces(labels: NDArray[np.integer], boundary: NDArray[np.floating], axes: tuple[int, ...] = (0, 1, 2)):  # noqa: ANN202
     """Faces between face-neighbouring voxels of different non-zero ids along ``axes`` of a ``(Z, Y, X)``
-    piece: ``u < v`` and the mean boundary of the two voxels.
+    piece: ``u < v``, the sum of the faces' values (the mean boundary of the two voxels) and their count.
 
     Works on the flat arrays (a neighbour along an axis is a fixed stride away; pairs that wrap from the
-    end of a row or plane to the next are dropped), and only the differing pairs are gathered: no strided
-    copies, and 0.15 s instead of 0.24 s for the faces of a 64x256x256 membrane labelling.
+    end of a row or plane to the next are dropped), gathers only the differing pairs, and sums runs of
+    one pair in a row (an interface crossed along z or y gives runs along x) before anything is sorted
+    (1.3x fewer rows to pool on the default model's membrane labelling).
     """
     labels, boundary = np.ascontiguousarray(labels), np.ascontiguousarray(boundary)
     _, ny, nx = labels.shape
@@ -46,24 +47,62 @@ def _faces(labels: NDArray[np.integer], boundary: NDArray[np.floating], axes: tu
         u, v = a[at], b[at]
         both = (u > 0) & (v > 0)
         at, u, v = at[both], u[both].astype(np.int64), v[both].astype(np.int64)
-        parts.append((np.minimum(u, v), np.maximum(u, v), (values[at].astype(np.float64) + values[at + stride]) * 0.5))
+        if not len(at):
+            continue
+        u, v = np.minimum(u, v), np.maximum(u, v)
+        starts = np.flatnonzero(np.concatenate([[True], (u[1:] != u[:-1]) | (v[1:] != v[:-1])]))
+        face = (values[at].astype(np.float64) + values[at + stride]) * 0.5
+        parts.append((u[starts], v[starts], np.add.reduceat(face, starts), np.diff(np.append(starts, len(at)))))
     if not parts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int64)
     return tuple(np.concatenate(column) for column in zip(*parts))
+
+
+def _pooled(u: NDArray[np.int64], v: NDArray[np.int64], sums: NDArray[np.float64], counts: NDArray[np.int64]) -> tuple[NDArray, ...]:
+    """Rows with the same ``(u, v)`` summed into one, sorted by ``(u, v)``."""
+    key = (u.astype(np.uint64) << np.uint64(32)) | v.astype(np.uint64)  # ids < 2**32 (UnionFind checks)
+    uniq, inverse = np.unique(key, return_inverse=True)
+    return ((uniq >> np.uint64(32)).astype(np.int64), (uniq & np.uint64(0xFFFFFFFF)).astype(np.int64),
+            np.bincount(inverse, weights=sums, minlength=len(uniq)),
+            np.bincount(inverse, weights=counts, minlength=len(uniq)).astype(np.int64))
 
 
 class EdgeTable:
     """Sum and count of the face boundary values per region pair ``(u < v)``, as flat arrays.
 
     Faces are added a piece at a time and reduced to one row per pair, so the table grows with the number
-    of touching pairs (about 7 per cell), never with the voxels; 24 bytes per pair.
+    of touching pairs (about 7 per cell), never with the voxels; 24 bytes per pair. Each piece's rows wait
+    in a list until they outnumber the table's, then all are pooled at once: pooling every piece into the
+    table re-sorted it each time (7.5 of 52 s labelling a 128x1024x1024 stack with 156k cells).
     """
 
     def __init__(self) -> None:
-        self.u = np.zeros(0, dtype=np.int64)
-        self.v = np.zeros(0, dtype=np.int64)
-        self.sums = np.zeros(0, dtype=np.float64)
-        self.counts = np.zeros(0, dtype=np.int64)
+        empty = np.zeros(0, dtype=np.int64)
+        self._table: tuple[NDArray, ...] = (empty, empty.copy(), np.zeros(0, dtype=np.float64), empty.copy())
+        self._waiting: list[tuple[NDArray, ...]] = []
+        self._waiting_rows = 0
+
+    def _rows(self) -> tuple[NDArray, ...]:
+        if self._waiting:
+            self._table = _pooled(*(np.concatenate(column) for column in zip(self._table, *self._waiting)))
+            self._waiting, self._waiting_rows = [], 0
+        return self._table
+
+    @property
+    def u(self) -> NDArray[np.int64]:
+        return self._rows()[0]
+
+    @property
+    def v(self) -> NDArray[np.int64]:
+        return self._rows()[1]
+
+    @property
+    def sums(self) -> NDArray[np.float64]:
+        return self._rows()[2]
+
+    @property
+    def counts(self) -> NDArray[np.int64]:
+        return self._rows()[3]
 
     def __len__(self) -> int:
         return len(self.u)
@@ -72,16 +111,14 @@ class EdgeTable:
         """Pool faces ``(u[i] < v[i], value[i])`` (``counts[i]`` faces each when given) into the table."""
         if not len(u):
             return
-        u = np.concatenate([self.u, u])
-        v = np.concatenate([self.v, v])
-        weights = np.concatenate([self.sums, value])
-        n = np.concatenate([self.counts, np.ones(len(value), np.int64) if counts is None else counts])
-        key = (u.astype(np.uint64) << np.uint64(32)) | v.astype(np.uint64)  # ids < 2**32 (UnionFind checks)
-        uniq, inverse = np.unique(key, return_inverse=True)
-        self.u = (uniq >> np.uint64(32)).astype(np.int64)
-        self.v = (uniq & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        self.sums = np.bincount(inverse, weights=weights, minlength=len(uniq))
-        self.counts = np.bincount(inverse, weights=n, minlength=len(uniq)).astype(np.int64)
+        rows = _pooled(u, v, value, np.ones(len(value), np.int64) if counts is None else counts)
+        if not len(self._table[0]) and not self._waiting:
+            self._table = rows
+            return
+        self._waiting.append(rows)
+        self._waiting_rows += len(rows[0])
+        if self._waiting_rows > len(self._table[0]):
+            self._rows()
 
     def add_piece(self, labels: NDArray[np.integer], boundary: NDArray[np.floating], /, *, planes: int = 4) -> None:
         """Every face inside ``labels`` (``(Z, Y, X)`` ids, ``boundary`` the same shape), ``planes`` z-planes

@@ -43,7 +43,7 @@ from numpy.typing import NDArray
 from ..bundle import OutputSpec, PostprocessSpec
 from .device import faces, run_on
 from .distance import available_cores, clear_background, distance_transform
-from .flood import flood
+from .flood import fill, flood, resolve_components
 from .graph import EdgeTable, agglomerate
 from .seeds import find_seeds, interior_of
 from .stores import FileLabelStore, MemoryLabelStore
@@ -258,16 +258,21 @@ class SlabLabeler:
         markers = cc3d.connected_components(seeds, connectivity=6).astype(np.int32, copy=False)
         lut = self._marker_ids(markers, int(markers.max()), registry[3], markers[tuple(local.T)])
         self._link_pending(markers, lut, block)
-        if self.output.kind == "boundary":
-            flooded = flood(image, markers, components, confined=False, device=self.device)
+        at = np.argwhere(seeds)
+        ids = lut[markers[tuple(at.T)]]
+        del seeds
+        if self.output.kind == "boundary":  # each array goes as soon as it is done with: the window's peak
+            del distance
+            resolved = resolve_components(image, markers, components)
+            del markers, components
+            flooded = fill(image, resolved, device=self.device)
+            del resolved
             clear_background(flooded, mask, sampling=self.sampling, threads=threads, open_wide=self.open_background)
         else:
             flooded = flood(-distance, markers, components, confined=True)
-        del distance, components
+            del distance, markers, components
         in_block = flooded[block.local()]
         labels = lut.astype(np.uint32)[in_block]
-        at = np.argwhere(seeds)
-        ids = lut[markers[tuple(at.T)]]
         at += block.origin
         mine = block.contains(at)
         self._registry = np.concatenate([self._registry, np.vstack([at[mine].T, ids[mine]])], axis=1)
