@@ -167,10 +167,11 @@ def _finish(
         outputs.abort()
         raise
     if report.orphan_seeds:
-        logger.warning(
-            "%d seed(s) beyond a slab flooded into it but were not confirmed by the next slab; the labels may "
-            "differ from a whole-volume run near slab borders: raise --halo (now %d planes)",
-            report.orphan_seeds, report.halo,
+        logger.log(
+            logging.WARNING if report.halo_too_small else logging.INFO,
+            "%d seed(s) beyond a slab flooded into it but were not confirmed by the next slab (%d cells); the labels "
+            "may differ from a whole-volume run near slab borders%s",
+            report.orphan_seeds, report.n_cells, f": raise --halo (now {report.halo} planes)" if report.halo_too_small else "",
         )
     report.wall_s = time.perf_counter() - started
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
