@@ -71,8 +71,8 @@ class EdgeTable:
     """Sum and count of the face boundary values per region pair ``(u < v)``, as flat arrays.
 
     Faces are added a piece at a time and reduced to one row per pair, so the table grows with the number
-    of touching pairs (about 7 per cell), never with the voxels; 24 bytes per pair. Each piece's rows wait
-    in a list until they outnumber the table's, then all are pooled at once: pooling every piece into the
+    of touching pairs (about 7 per cell), never with the voxels; 24 bytes per pair (up to twice that while
+    pieces wait). Each piece's rows wait in a list until they outnumber the table's, then all are pooled at once: pooling every piece into the
     table re-sorted it each time (7.5 of 52 s labelling a 128x1024x1024 stack with 156k cells).
     """
 
