@@ -72,8 +72,9 @@ class EdgeTable:
 
     Faces are added a piece at a time and reduced to one row per pair, so the table grows with the number
     of touching pairs (about 7 per cell), never with the voxels; 24 bytes per pair (up to twice that while
-    pieces wait). Each piece's rows wait in a list until they outnumber the table's, then all are pooled at once: pooling every piece into the
-    table re-sorted it each time (7.5 of 52 s labelling a 128x1024x1024 stack with 156k cells).
+    pieces wait). Each piece's rows wait in a list until they outnumber the table's, then all are pooled
+    at once: pooling every piece into the table re-sorted it each time (7.5 of 52 s labelling a
+    128x1024x1024 stack with 156k cells).
     """
 
     def __init__(self) -> None:
