@@ -24,7 +24,7 @@ from .backends import Backend, BackendOptions, select_backend
 from .bundle import Bundle, load_bundle
 from .errors import InputError
 from .fitting import BackoffRunner
-from .labels import FileLabelStore, MemoryLabelStore, SlabLabeler
+from .labels import SlabLabeler
 from .normalize import normalization_stats
 from .outputs import RunOutputs
 from .progress import Progress, ProgressTracker
@@ -111,21 +111,23 @@ def _run(
             backend.prepare(plan.model_patch, plan.tiling.batch_size)  # TensorRT loads or builds its plan now, not mid-run
         report.backend, report.precision, report.device = backend.name, backend.precision, backend.device_name
         report.patch_shape, report.n_patches, report.scale, report.fit = plan.tiling.patch_shape, plan.grid.n_patches, plan.scale, plan.fit
-        report.slab_depth, report.halo, report.n_slabs = plan.slabs.depth, plan.slabs.halo, plan.slabs.n_slabs(z)
+        wz, wy, wx = plan.grid.shape  # the grid the run blends and labels on: the input's, or the model's
+        report.slab_depth, report.halo, report.n_slabs = plan.slabs.depth, plan.slabs.halo, plan.slabs.n_slabs(wz)
+        report.label_grid = "input" if plan.model_grid is None else "model"
         k = len(bundle.output.names)
-        store, write_probs = outputs.open((k, z, y, x), streamed=report.n_slabs > 1)
+        store, write_probs = outputs.open((k, z, y, x), streamed=report.n_slabs > 1, grid=plan.model_grid)
         labeler = SlabLabeler(
-            (z, y, x), output=bundle.output, spec=plan.spec, sampling=plan.scale.sampling, depth=plan.slabs.depth,
+            (wz, wy, wx), output=bundle.output, spec=plan.spec, sampling=plan.sampling, depth=plan.slabs.depth,
             halo=plan.slabs.halo, tile=plan.slabs.tile, store=store, device=backend.device,
         )
         report.label_tile = labeler.tile or 0
-        run = backend.run if plan.scale.identity else ScaledRun(backend.run, plan.model_patch)
+        run = ScaledRun(backend.run, plan.model_patch) if plan.resamples_patches else backend.run
         runner = BackoffRunner(run, batch_size=plan.tiling.batch_size, oom_errors=backend.oom_errors)
-        tracker = ProgressTracker(progress, unit=options.progress_unit, total_voxels=z * y * x)
+        tracker = ProgressTracker(progress, unit=options.progress_unit, total_voxels=wz * wy * wx)
         timings = StreamTimings()
         stream(
-            source, stats=stats, run=runner, grid=plan.grid, out_channels=k, device=backend.device, labeler=labeler,
-            write_probs=write_probs, tracker=tracker, timings=timings,
+            source if plan.model_grid is None else plan.model_grid.source(source), stats=stats, run=runner, grid=plan.grid,
+            out_channels=k, device=backend.device, labeler=labeler, write_probs=write_probs, tracker=tracker, timings=timings,
         )
         report.batch_size, report.oom_retries = runner.batch_size, runner.oom_retries
     except BaseException:
@@ -136,13 +138,12 @@ def _run(
             backend.close()
     for stage in ("read", "normalize", "infer", "postprocess"):
         report.timings[stage] = report.timings.get(stage, 0.0) + timings.seconds.get(stage, 0.0)
-    return _finish(report, labeler, store, outputs, tracker, started)
+    return _finish(report, labeler, outputs, tracker, started)
 
 
 def _finish(
     report: RunReport,
     labeler: SlabLabeler,
-    store: MemoryLabelStore | FileLabelStore,
     outputs: RunOutputs,
     tracker: ProgressTracker,
     started: float,
@@ -151,15 +152,16 @@ def _finish(
     try:
         with report.timed("postprocess"):
             final = labeler.finish()
-        report.n_cells, report.orphan_seeds = final.n_cells, labeler.orphan_seeds
-        chunks = prefetched(store.relabel(final.lut, chunk=max(1, labeler.depth)))
+            n_cells, chunks = outputs.labels(final, chunk=max(1, labeler.depth))
+        report.n_cells, report.orphan_seeds = n_cells, labeler.orphan_seeds
+        chunks = prefetched(chunks)
         with report.timed("write"):
             if outputs.output_path is None:
                 for _ in chunks:
                     pass
             else:
                 write_labels_stream(
-                    outputs.output_path, chunks, shape=labeler.shape, max_label=final.n_cells, voxel_size_um=outputs.voxel
+                    outputs.output_path, chunks, shape=report.shape[-3:], max_label=n_cells, voxel_size_um=outputs.voxel
                 )
             if outputs.prob_writer is not None:
                 outputs.prob_writer.commit()
@@ -177,7 +179,7 @@ def _finish(
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     tracker.voxels(0)
     tracker.report(final=True)
-    return SegmentResult(labels=store.result(), probabilities=outputs.probs, report=report)
+    return SegmentResult(labels=outputs.result(), probabilities=outputs.probs, report=report)
 
 
 def segment(

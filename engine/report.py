@@ -48,6 +48,8 @@ class RunReport:
     The stages overlap when a volume is streamed, so their sum can exceed ``wall_s``. ``n_slabs`` > 1
     means the volume was streamed in ``slab_depth``-plane slabs with ``halo`` planes of watershed halo,
     labelled in ``label_tile`` x ``label_tile`` xy tiles when that is set (0: whole planes);
+    ``label_grid``: ``model`` when the run blended and labelled on the model's finer grid and sampled the
+    results back (:mod:`engine.model_grid`; slab depth and halo then count model planes), else ``input``.
     ``orphan_seeds`` counts seeds beyond a slab that flooded into it but that the next slab did not find
     (a sign the halo is too small, see :mod:`engine.labels.slabs`). ``oom_retries``: times the batch was halved
     after the device ran out of memory; ``batch_size`` is the batch in use at the end. ``fit``: where the
@@ -67,6 +69,7 @@ class RunReport:
     slab_depth: int = 0
     halo: int = 0
     label_tile: int = 0
+    label_grid: str = "input"
     n_slabs: int = 0
     orphan_seeds: int = 0
     oom_retries: int = 0
@@ -95,6 +98,7 @@ class RunReport:
         patch = "x".join(map(str, self.patch_shape))
         slabs = f" slabs={self.n_slabs}x{self.slab_depth}+halo{self.halo}" if self.n_slabs > 1 else ""
         slabs += f" tiles={self.label_tile}" if self.label_tile else ""
+        slabs += " labels=model-grid" if self.label_grid == "model" else ""
         scale = self.scale.describe() if self.scale else "scale=?"
         return (
             f"{self.n_cells} cells | backend={self.backend} precision={self.precision} device={self.device} "

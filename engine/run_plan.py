@@ -23,6 +23,7 @@ from .backends import Backend
 from .bundle import Bundle, PostprocessSpec
 from .errors import InputError
 from .fitting import fit_tiling
+from .model_grid import ModelGrid, labels_on_model_grid
 from .progress import PROGRESS_UNITS
 from .scale import ScalePlan, plan_for_source
 from .streaming import Source
@@ -298,8 +299,12 @@ def _halo(options: SegmentOptions, spec: PostprocessSpec, scale: ScalePlan) -> i
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Everything a run needs decided, decided once: post-processing (in input voxels), scale, tiling on the
-    input grid and the patch the network sees, where the patch and batch came from, slabs and the patch grid."""
+    """Everything a run needs decided, decided once: post-processing (in the voxels it labels), scale, tiling
+    and the patch the network sees, where the patch and batch came from, slabs and the patch grid.
+
+    ``model_grid`` is set when the run blends and labels on the model's grid (:mod:`engine.model_grid`);
+    tiling, slabs and grid are then on that grid, and the outputs are sampled back to the input's.
+    """
 
     spec: PostprocessSpec
     scale: ScalePlan
@@ -308,6 +313,17 @@ class RunPlan:
     fit: str
     slabs: SlabPlan
     grid: SlabGrid
+    model_grid: ModelGrid | None = None
+
+    @property
+    def resamples_patches(self) -> bool:
+        """Each patch is resampled to the model's grid and back (:class:`engine.scale.ScaledRun`)."""
+        return self.model_grid is None and not self.scale.identity
+
+    @property
+    def sampling(self) -> tuple[float, float, float] | None:
+        """A labelled voxel's extent in model voxels, for the distance transform (None: isotropic, 1)."""
+        return None if self.model_grid is not None else self.scale.sampling
 
 
 def plan_run(
@@ -331,11 +347,16 @@ def plan_run(
     check_options(options)
     c, z, y, x = source.shape
     scale = _scale(source, stats, bundle, options, voxel_size_um, backend)
-    spec = scale.postprocess(_postprocess_spec(bundle, options))
-    tiling, fit, model_patch = _tiling(bundle, options, (z, y, x), backend, scale)
+    model_grid = ModelGrid.for_scale((z, y, x), scale) if labels_on_model_grid(scale) else None
+    # on the model grid the run itself is unscaled: spec, patch and halo in model voxels
+    work, shape = (scale, (z, y, x)) if model_grid is None else (ScalePlan.unscaled("model grid"), model_grid.model_shape)
+    spec = work.postprocess(_postprocess_spec(bundle, options))
+    tiling, fit, model_patch = _tiling(bundle, options, shape, backend, work)
+    depth, halo = options.slab_depth, _halo(options, spec, work)
+    if model_grid is not None:  # the options count input planes
+        depth, halo = (None if n is None else model_grid.planes(n) for n in (depth, halo))
     slabs = plan_slabs(
-        (c, z, y, x), grid_config=tiling, out_channels=len(bundle.output.names), spec=spec, depth=options.slab_depth,
-        halo=_halo(options, spec, scale), memory_bytes=memory_budget(options), keep_outputs=keep_outputs,
-        device_type=backend.device.type,
+        (c, *shape), grid_config=tiling, out_channels=len(bundle.output.names), spec=spec, depth=depth,
+        halo=halo, memory_bytes=memory_budget(options), keep_outputs=keep_outputs, device_type=backend.device.type,
     )
-    return RunPlan(spec, scale, tiling, model_patch, fit, slabs, SlabGrid((z, y, x), tiling, slabs.rows_per_group))
+    return RunPlan(spec, scale, tiling, model_patch, fit, slabs, SlabGrid(shape, tiling, slabs.rows_per_group), model_grid)

@@ -33,6 +33,10 @@ class MemoryLabelStore:
     def result(self) -> NDArray[np.uint32]:
         return self.labels
 
+    def close(self) -> None:
+        """Let the labels go (a model-grid store, once sampled back)."""
+        self.labels = np.zeros((0, 0, 0), dtype=np.uint32)
+
 
 class FileLabelStore:
     """Provisional labels in an unnamed temporary file (``depth`` planes in memory at a time).
