@@ -15,11 +15,13 @@ the zoom per axis (model voxels per input voxel) from what is known, in this ord
   (for cells of any convex-ish shape the mean chord along a random line is ``4 V / S``, 2/3 of a sphere's
   diameter); a known voxel size fixes the z/xy ratio and only the overall size is estimated.
 
-The engine then resamples each patch to the model's grid on the device (:class:`ScaledRun`: linear where
-an axis grows, area-averaged where it shrinks), runs the network there and resamples the probabilities
-back to the patch's own grid, so tiling, blending, slabs and outputs stay on the input grid (output shape
-equals the input, always). Post-processing gets the input voxel's extent in model voxels as its distance
-sampling, so its parameters, in model voxels, stay relative to the cell size.
+Where the model's grid is finer (a z step of 2-4x the xy pixel zooms z up), the run reads the input
+resampled to it, blends and labels there and samples the results back (:mod:`engine.model_grid`).
+Otherwise the engine resamples each patch to the model's grid on the device (:class:`ScaledRun`: linear
+where an axis grows, area-averaged where it shrinks), runs the network there and resamples the
+probabilities back to the patch's own grid, so tiling, blending and slabs stay on the input grid, and
+post-processing gets the input voxel's extent in model voxels as its distance sampling, so its parameters,
+in model voxels, stay relative to the cell size. The output shape equals the input's, always.
 """
 
 from __future__ import annotations

@@ -32,8 +32,10 @@ import numpy as np
 from engine.bundle import Bundle, PostprocessSpec, load_bundle, write_bundle_json
 from engine.metrics import match_instances
 from engine.pipeline import SegmentOptions, segment
-from engine.scale import ScalePlan
 from engine.labels import MemoryLabelStore, SlabLabeler
+from engine.model_grid import ModelGrid, labels_on_model_grid
+from engine.scale import ScalePlan
+from engine.streaming import ArraySource
 from engine.synthetic import make_membrane_volume
 
 from .data import VALIDATION_SEEDS
@@ -55,24 +57,44 @@ DIAMETER_RANGES = ((9.0, 24.0), (12.0, 20.0))  # Bundle.cell_diameter_voxels can
 PATCH_CANDIDATES = ((32, 128, 128), (64, 128, 128), (64, 256, 256))
 
 
-def _label(probs: np.ndarray, bundle: Bundle, spec: PostprocessSpec, plan: ScalePlan) -> np.ndarray:
-    """Label ``probs`` exactly as ``engine.segment`` does for a volume that is one slab."""
+Run = tuple[np.ndarray, np.ndarray, ScalePlan, ModelGrid | None]  # probabilities, truth, scale, model grid
+
+
+def _label(probs: np.ndarray, bundle: Bundle, spec: PostprocessSpec, plan: ScalePlan, grid: ModelGrid | None) -> np.ndarray:
+    """Label ``probs`` as ``engine.segment`` does for a volume that is one slab: on the model grid (``probs`` are
+    there, the labels are sampled back) when the run labels there, else on the input grid."""
     shape = probs.shape[1:]
     store = MemoryLabelStore(shape)
-    labeler = SlabLabeler(shape, output=bundle.output, spec=plan.postprocess(spec), sampling=plan.sampling,
+    unscaled = ScalePlan.unscaled("model grid")
+    on = plan if grid is None else unscaled
+    labeler = SlabLabeler(shape, output=bundle.output, spec=on.postprocess(spec), sampling=on.sampling,
                           depth=shape[0], halo=0, store=store)
     labeler.push(0, probs)
-    return labeler.finish().lut[store.labels]
+    labels = labeler.finish().lut[store.labels]
+    return labels if grid is None else np.concatenate(list(grid.labels_back(iter([labels]))))
 
 
-def _score(runs: list[tuple[np.ndarray, np.ndarray, ScalePlan]], bundle: Bundle, spec: PostprocessSpec) -> dict[str, Any]:
-    """Label each ``(probabilities, truth, scale)`` run with ``spec`` as the engine would, and score it."""
-    per = [match_instances(_label(p, bundle, spec, plan), t) for p, t, plan in runs]
+def _score(runs: list[Run], bundle: Bundle, spec: PostprocessSpec) -> dict[str, Any]:
+    """Label each run with ``spec`` as the engine would, and score it."""
+    per = [match_instances(_label(p, bundle, spec, plan, grid), t) for p, t, plan, grid in runs]
     f1 = float(np.mean([s.f1 for s in per]))
     iou = float(np.mean([s.mean_matched_iou for s in per]))
     return {"f1": f1, "mean_matched_iou": iou, "objective": (f1 + iou) / 2,
             "adapted_rand_error": float(np.mean([s.adapted_rand_error for s in per])),
             "per_volume": [s.to_dict() for s in per]}
+
+
+def _network_output(image: np.ndarray, truth: np.ndarray, bundle: Bundle, voxel_size_um: tuple[float, float, float] | None) -> Run:
+    """The network's output on the grid ``engine.segment`` labels on. For a run on the model grid that is the
+    stack resampled there as the engine resamples it, run as it is; its normalization statistics are then the
+    resampled stack's, not the input's (the engine's), a close stand-in for tuning."""
+    result = segment(image, bundle=bundle, voxel_size_um=voxel_size_um)
+    scale = result.report.scale
+    if not labels_on_model_grid(scale):
+        return result.probabilities, truth, scale, None
+    grid = ModelGrid.for_scale(image.shape, scale)
+    resampled = grid.source(ArraySource(image[np.newaxis])).read(0, grid.model_shape[0])
+    return segment(resampled, bundle=bundle, options=SegmentOptions(rescale="off")).probabilities, truth, scale, grid
 
 
 def _patch_timings(bundle: Bundle) -> dict[str, float]:
@@ -86,19 +108,17 @@ def _patch_timings(bundle: Bundle) -> dict[str, float]:
     return timings
 
 
-def _validation_runs(bundle: Bundle) -> list[tuple[np.ndarray, np.ndarray, ScalePlan]]:
+def _validation_runs(bundle: Bundle) -> list[Run]:
     """The network's output on every validation volume, as ``engine.segment`` runs it by default: the
     synthetic ones (``VALIDATION_SEEDS``) and one per stress row of ``engine.tissue`` (the seeds the classical
     baseline is tuned on, ``training.stress.BASELINE_SEED_BASE``)."""
     runs = []
     for seed, scale in zip(VALIDATION_SEEDS, VALIDATION_SCALES):
         vol = make_membrane_volume(VALIDATION_SHAPE, seed=seed, voxel_scale=scale)
-        result = segment(vol.image, bundle=bundle)
-        runs.append((result.probabilities, vol.labels, result.report.scale))
+        runs.append(_network_output(vol.image, vol.labels, bundle, None))
     for i, row in enumerate(stress_rows(quick=True)):
         vol = row.volume(BASELINE_SEED_BASE + i)
-        result = segment(vol.image, bundle=bundle, voxel_size_um=row.voxel_size_um)
-        runs.append((result.probabilities, vol.labels, result.report.scale))
+        runs.append(_network_output(vol.image, vol.labels, bundle, row.voxel_size_um))
     return runs
 
 
