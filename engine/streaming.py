@@ -51,6 +51,7 @@ class ArraySource:
     def __init__(self, data: np.ndarray, /) -> None:
         self.data = data
         self.shape: tuple[int, int, int, int] = tuple(data.shape)  # type: ignore[assignment]
+        self.dtype = data.dtype
 
     def read(self, z0: int, z1: int, /) -> np.ndarray:
         return self.data[:, z0:z1]
