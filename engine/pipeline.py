@@ -169,11 +169,12 @@ def _finish(
         outputs.abort()
         raise
     if report.orphan_seeds:
+        grid = " of the model grid" if report.label_grid == "model" else ""
         logger.log(
             logging.WARNING if report.halo_too_small else logging.INFO,
             "%d seed(s) beyond a slab flooded into it but were not confirmed by the next slab (%d cells); the labels "
             "may differ from a whole-volume run near slab borders%s",
-            report.orphan_seeds, report.n_cells, f": raise --halo (now {report.halo} planes)" if report.halo_too_small else "",
+            report.orphan_seeds, report.n_cells, f": raise --halo (now {report.halo} planes{grid})" if report.halo_too_small else "",
         )
     report.wall_s = time.perf_counter() - started
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

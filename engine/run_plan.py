@@ -58,9 +58,9 @@ class SegmentOptions:
         batch_size: patches per network call.
         threads: CPU threads (None: all cores available).
         threshold, min_dist, label_threshd: post-processing overrides (see ``PostprocessSpec``).
-        slab_depth: planes per z-slab; None: one slab when the volume's working set fits
+        slab_depth: input planes per z-slab; None: one slab when the volume's working set fits
             ``memory_limit_gib``, else the deepest slab that does (:func:`engine.streaming.plan_slabs`).
-        halo: planes added on each side of a slab for the watershed (None: ``max(8, 2 * min_dist)``); the
+        halo: input planes added on each side of a slab for the watershed (None: ``max(8, 2 * min_dist)``); the
             slabbed watershed equals the whole-volume one when the halo exceeds the cells' extent in z.
         memory_limit_gib: host working-memory budget that sizes the slabs (None: 2 GiB, at most half of
             the available memory).
