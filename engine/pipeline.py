@@ -118,7 +118,7 @@ def _run(
         store, write_probs = outputs.open((k, z, y, x), streamed=report.n_slabs > 1, grid=plan.model_grid)
         labeler = SlabLabeler(
             (wz, wy, wx), output=bundle.output, spec=plan.spec, sampling=plan.sampling, depth=plan.slabs.depth,
-            halo=plan.slabs.halo, tile=plan.slabs.tile, store=store, device=backend.device,
+            halo=plan.slabs.halo, ends=plan.slabs.ends, tile=plan.slabs.tile, store=store, device=backend.device,
         )
         report.label_tile = labeler.tile or 0
         run = ScaledRun(backend.run, plan.model_patch) if plan.resamples_patches else backend.run

@@ -46,7 +46,8 @@ class RunReport:
     """What ran and how long each stage took (seconds).
 
     The stages overlap when a volume is streamed, so their sum can exceed ``wall_s``. ``n_slabs`` > 1
-    means the volume was streamed in ``slab_depth``-plane slabs with ``halo`` planes of watershed halo,
+    means the volume was streamed in slabs of at most ``slab_depth`` planes (cut where the network's groups
+    finish planes, :meth:`engine.tiling.SlabGrid.core_ends`) with ``halo`` planes of watershed halo,
     labelled in ``label_tile`` x ``label_tile`` xy tiles when that is set (0: whole planes);
     ``label_grid``: ``model`` when the run blended and labelled on the model's finer grid and sampled the
     results back (:mod:`engine.model_grid`; slab depth and halo then count model planes), else ``input``.

@@ -100,9 +100,10 @@ class SlabPlan:
     halo: int
     rows_per_group: int | None
     tile: int | None = None
+    ends: tuple[int, ...] | None = None  # where each core ends (SlabGrid.core_ends); None: every ``depth`` planes
 
     def n_slabs(self, z: int, /) -> int:
-        return -(-z // self.depth)
+        return len(self.ends) if self.ends else -(-z // self.depth)
 
 
 def available_memory() -> int:
@@ -377,4 +378,7 @@ def plan_run(
         (c, *shape), grid_config=tiling, out_channels=len(bundle.output.names), spec=spec, depth=depth,
         halo=halo, memory_bytes=budget, keep_outputs=keep_outputs, device_type=backend.device.type,
     )
-    return RunPlan(spec, scale, tiling, model_patch, fit, slabs, SlabGrid(shape, tiling, slabs.rows_per_group), model_grid)
+    grid = SlabGrid(shape, tiling, slabs.rows_per_group)
+    if depth is None and slabs.depth < shape[0]:  # cores end where the network's groups finish planes
+        slabs = replace(slabs, ends=grid.core_ends(slabs.depth, slabs.halo))
+    return RunPlan(spec, scale, tiling, model_patch, fit, slabs, grid, model_grid)

@@ -100,7 +100,9 @@ class SlabLabeler:
         output: what the probability channels mean.
         spec: post-processing method and parameters.
         sampling: relative voxel size ``(z, y, x)`` for the distance transform, or None.
-        depth: planes per core.
+        depth: planes per core (at most, with ``ends``).
+        ends: where each core ends (increasing, the last at ``shape[0]``; :meth:`engine.tiling.SlabGrid.core_ends`);
+            None: every ``depth`` planes.
         halo: extra planes on each side of a core for the watershed (ignored for ``components``); in y and x
             the windows reach as far in the sampling's units.
         tile: the watershed labels a core in xy tiles of this side, each inside a window of the halo around
@@ -125,6 +127,7 @@ class SlabLabeler:
         depth: int,
         halo: int,
         store: MemoryLabelStore | FileLabelStore,
+        ends: Sequence[int] | None = None,
         tile: int | None = None,
         threads: int | None = None,
         device: torch.device | None = None,
@@ -134,6 +137,9 @@ class SlabLabeler:
         self.threads = threads
         self.device, self.open_background = device, open_background
         self.depth = max(1, int(depth))
+        self.ends = tuple(ends) if ends else tuple(min(shape[0], k) for k in range(self.depth, shape[0] + self.depth, self.depth))
+        if self.ends[-1] != shape[0] or any(b <= a for a, b in zip((0, *self.ends), self.ends)):
+            raise ValueError(f"core ends must increase to {shape[0]}, got {self.ends}")
         self.halo = 0 if spec.method == "components" else max(0, int(halo))
         z_over_xy = float(sampling[0]) / min(float(sampling[1]), float(sampling[2])) if sampling is not None else 1.0
         self.halo_xy = math.ceil(self.halo * max(1.0, z_over_xy))
@@ -155,10 +161,10 @@ class SlabLabeler:
 
     @property
     def n_cores(self) -> int:
-        return -(-self.shape[0] // self.depth)
+        return len(self.ends)
 
     def _core(self, k: int) -> tuple[int, int]:
-        return k * self.depth, min(self.shape[0], (k + 1) * self.depth)
+        return (self.ends[k - 1] if k else 0), self.ends[k]
 
     def push(self, z0: int, probs: NDArray[np.float32], /) -> int:
         """Add planes ``[z0, z0 + n)`` of the ``(K, n, Y, X)`` probabilities; label every core now complete.

@@ -14,12 +14,12 @@ BOUNDARY = OutputSpec(kind="boundary", channel=0, names=("boundary", "interior")
 FOREGROUND = OutputSpec(kind="foreground", channel=0, names=("foreground",))
 
 
-def slabbed(probs, *, output, spec, depth, halo, chunk=5, sampling=None, store=None, tile=None):
+def slabbed(probs, *, output, spec, depth, halo, chunk=5, sampling=None, store=None, tile=None, ends=None):
     """Push ``probs`` in ``chunk``-plane pieces through a SlabLabeler; final labels and the labeler."""
     shape = probs.shape[1:]
     store = store or MemoryLabelStore(shape)
     labeler = SlabLabeler(shape, output=output, spec=spec, sampling=sampling, depth=depth, halo=halo, store=store, threads=1,
-                          tile=tile)
+                          tile=tile, ends=ends)
     done = sum(labeler.push(z0, probs[:, z0 : z0 + chunk]) for z0 in range(0, shape[0], chunk))
     assert done == np.prod(shape)
     final = labeler.finish()
@@ -117,6 +117,28 @@ def test_watershed_with_a_cell_sized_halo_equals_whole_volume(membrane: np.ndarr
     assert final.n_cells == whole.max()
     assert same_up_to_permutation(whole, got), f"{differing_fraction(whole, got):.5f} of voxels differ"
     assert labeler.orphan_seeds == 0
+
+
+@pytest.mark.parametrize("ends", [(11, 35, 60), (30, 31, 60)])
+def test_uneven_cores_equal_the_whole_volume(membrane: np.ndarray, ends: tuple[int, ...]) -> None:
+    """Cores of any lengths (as :meth:`engine.tiling.SlabGrid.core_ends` cuts them; a one-plane core too)
+    stitch like even ones: the whole-volume components exactly, the watershed with a cell-sized halo."""
+    comps = PostprocessSpec(method="components", threshold=0.5, label_threshd=5)
+    whole = label_cells(membrane, output=BOUNDARY, spec=comps, threads=1)
+    got, labeler, _ = slabbed(membrane, output=BOUNDARY, spec=comps, depth=30, halo=0, ends=ends)
+    assert labeler.n_cores == 3 and same_up_to_permutation(whole, got)
+    shed = PostprocessSpec(method="watershed", threshold=0.5, min_dist=3, label_threshd=5)
+    whole = label_cells(membrane, output=BOUNDARY, spec=shed, threads=1)
+    got, labeler, _ = slabbed(membrane, output=BOUNDARY, spec=shed, depth=30, halo=16, ends=ends)
+    assert same_up_to_permutation(whole, got) and labeler.orphan_seeds == 0
+
+
+def test_core_ends_must_reach_the_volume(membrane: np.ndarray) -> None:
+    spec = PostprocessSpec(method="components", threshold=0.5)
+    for ends in [(20, 40), (30, 20, 60)]:
+        with pytest.raises(ValueError, match="core ends"):
+            SlabLabeler(membrane.shape[1:], output=BOUNDARY, spec=spec, sampling=None, depth=30, halo=0,
+                        store=MemoryLabelStore(membrane.shape[1:]), ends=ends)
 
 
 @pytest.mark.parametrize("depth, halo", [(16, 16), (8, 16), (12, 20)])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.errors import InputError
-from engine.tiling import TilingConfig, fit_patch_shape, importance_map, patch_starts, plan_patches, sliding_window
+from engine.tiling import SlabGrid, TilingConfig, fit_patch_shape, importance_map, patch_starts, plan_patches, sliding_window
 
 CPU = torch.device("cpu")
 
@@ -90,3 +90,20 @@ def test_fit_patch_shape_shrinks_to_divisor_multiples() -> None:
 def test_bad_config_rejected(kwargs: dict, match: str) -> None:
     with pytest.raises(InputError, match=match):
         TilingConfig(**{"patch_shape": (8, 8, 8), **kwargs})
+
+
+@pytest.mark.parametrize("z, rows, depth, halo, expected", [
+    (128, 1, 48, 12, (36, 84, 128)),  # the 128x1024x1024 plan: the middle core no longer waits for the last group
+    (129, 1, 24, 12, (12, 36, 60, 84, 108, 129)),  # a last group one plane deep makes no one-plane core
+    (128, 1, 200, 12, (128,)),
+    (128, None, 48, 12, (48, 96, 128)),  # one group: nothing is final before the end, so every depth planes
+])
+def test_cores_end_where_groups_finish_planes(z, rows, depth, halo, expected) -> None:
+    grid = SlabGrid((z, 64, 64), TilingConfig(patch_shape=(32, 64, 64), overlap=0.25), rows)
+    ends = grid.core_ends(depth, halo)
+    assert ends == expected
+    cores = np.diff((0, *ends))
+    assert cores.max() <= depth and (len(cores) == 1 or cores[:-1].min() >= depth / 2)
+    final = [grid.final_range(g)[1] for g in grid.groups]
+    for start, end in zip((0, *ends), ends[:-1]):  # labelled once the group finishing its halo has run, or full depth
+        assert end + halo in final or end - start == depth
