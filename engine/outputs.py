@@ -4,8 +4,8 @@ input grid (a run labelled on the model's grid has its results sampled back, :mo
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,8 +19,7 @@ __all__ = ["RunOutputs"]
 
 
 class RunOutputs:
-    """Where a run's results go: arrays in memory (``segment``) or TIFF files (``segment_file``), always on the
-input grid (a run labelled on the model's grid has its results sampled back, :mod:`engine.model_grid`)."""
+    """The label stores, the probability sink and the written files of one run (see the module docstring)."""
 
     def __init__(
         self,
@@ -65,7 +64,7 @@ input grid (a run labelled on the model's grid has its results sampled back, :mo
         return MemoryLabelStore(shape) if in_memory else FileLabelStore(shape, folder=folder)
 
     def labels(self, final: FinalLabels, /, *, chunk: int) -> tuple[int, Iterator[NDArray[np.uint32]]]:
-        """The number of cells and the final labels on the input grid, ``chunk`` model-grid planes at a time.
+        """The number of cells and the final labels on the input grid, ``chunk`` planes at a time.
 
         Labelled on the model grid, the labels are first sampled back into the input-grid store; a cell
         thinner than an input plane can vanish there, so the ids left are renumbered 1..n.
@@ -81,9 +80,10 @@ input grid (a run labelled on the model's grid has its results sampled back, :mo
             z0 += part.shape[0]
         self._store.close()
         seen[0] = False
+        n_cells = int(seen.sum())
         lut = np.zeros(final.n_cells + 1, dtype=np.uint32)
-        lut[seen] = np.arange(1, int(seen.sum()) + 1, dtype=np.uint32)
-        return int(seen.sum()), self._input_store.relabel(lut, chunk=chunk)
+        lut[seen] = np.arange(1, n_cells + 1, dtype=np.uint32)
+        return n_cells, self._input_store.relabel(lut, chunk=chunk)
 
     def result(self) -> NDArray[np.uint32]:
         """The final labels on the input grid (after :meth:`labels` was consumed)."""

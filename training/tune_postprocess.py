@@ -65,8 +65,7 @@ def _label(probs: np.ndarray, bundle: Bundle, spec: PostprocessSpec, plan: Scale
     there, the labels are sampled back) when the run labels there, else on the input grid."""
     shape = probs.shape[1:]
     store = MemoryLabelStore(shape)
-    unscaled = ScalePlan.unscaled("model grid")
-    on = plan if grid is None else unscaled
+    on = plan if grid is None else ScalePlan.unscaled("model grid")  # on the model grid the labelling is unscaled
     labeler = SlabLabeler(shape, output=bundle.output, spec=on.postprocess(spec), sampling=on.sampling,
                           depth=shape[0], halo=0, store=store)
     labeler.push(0, probs)
