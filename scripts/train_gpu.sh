@@ -6,7 +6,9 @@
 #
 # Usage: scripts/train_gpu.sh [OUT_DIR] [SECONDS]   (default: train_gpu_out, 420 s of training)
 # Environment (defaults in brackets): LR [1e-3], BATCH [8], POOL [96], WORKERS [cores - 2], DEVICE [cuda],
-# INIT [engine/default_bundle/model.pt]; two runs can share one GPU with WORKERS splitting the cores.
+# INIT [engine/default_bundle/model.pt], DATA [--p-tissue 0.7] (the data options, e.g.
+# DATA="--p-tissue 0.8 --tissue-diameter 5 30 --p-engine-zoom 0.5"); two runs can share one GPU with
+# WORKERS splitting the cores.
 # Needs the project's dependencies and a CUDA torch. Afterwards, on any machine:
 #   cellseg3d export OUT_DIR/bundle                               (its ONNX files, from the new weights)
 #   python -m training.tune_postprocess --bundle OUT_DIR/bundle
@@ -24,5 +26,5 @@ mkdir -p "$OUT/bundle"  # the new bundle inherits the shipped one's post-process
 cp engine/default_bundle/bundle.json engine/default_bundle/model.pt "$OUT/bundle/"
 $PY -m training.train_default --device "${DEVICE:-cuda}" --workers "$WORKERS" --threads 2 \
     --init "$INIT" --checkpoint "$OUT/generalist_gpu.pt" --bundle-out "$OUT/bundle" \
-    --steps 100000 --time-limit "$SECONDS_LIMIT" --batch-size "${BATCH:-8}" --pool-size "${POOL:-96}" --lr "${LR:-1e-3}" --p-tissue 0.7 \
+    --steps 100000 --time-limit "$SECONDS_LIMIT" --batch-size "${BATCH:-8}" --pool-size "${POOL:-96}" --lr "${LR:-1e-3}" ${DATA:---p-tissue 0.7} \
     --log-every 50 --save-every 200 2>&1 | tee -a "$OUT/train.log"

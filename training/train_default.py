@@ -63,6 +63,19 @@ The shipped model was made in five stages (from the repository root):
    -> ``training/checkpoints/generalist_gpu2.pt``; then tuned, exported and evaluated as stage 4. This is
    the shipped model (``training.lineage`` in bundle.json).
 
+Tried after stage 5, not kept (2026-12-05, 2-core Sapphire Rapids, bf16/AMX): small cells (the 7-voxel
+stress row, F1 0.58 on its validation stack) drawn natively and, with ``--p-engine-zoom``, grown into the
+model's range as a zoomed run shows them::
+
+    python -m training.train_default --init engine/default_bundle/model.pt \
+        --checkpoint training/checkpoints/generalist_cpu6.pt --bundle-out /tmp/stage6/bundle \
+        --steps 100000 --time-limit 5700 --lr 5e-4 --p-tissue 0.8 --tissue-diameter 5 30 --p-engine-zoom 0.5
+
+8835 steps in 5700 s; after ``tune_postprocess`` (which chose threshold 0.5, label_threshd 20), the stress
+rows' validation stacks (seeds 950+, full size, ``segment`` defaults) scored mean F1 / IoU 0.831 / 0.672
+against stage 5's 0.839 / 0.674: small cells 0.589 against 0.584, every other row equal or lower. Small
+cells need more than a CPU fine-tune (a GPU run of this data mix is the next try).
+
 On a GPU host, ``scripts/train_gpu.sh OUT [SECONDS]`` runs ``--device cuda`` (bf16 autocast), ``--workers``
 (the host's cores make the training volumes ahead of the steps; the same volumes as without workers) and
 ``--time-limit`` (the cosine decay runs over the wall clock, so the run fits one device call). Checkpoints
