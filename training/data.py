@@ -114,8 +114,9 @@ def _tissue_volume(seed: int, settings: DataSettings, rng: np.random.Generator) 
     if settings.p_engine_zoom > 0 and rng.random() < settings.p_engine_zoom:
         zoom = _engine_zoom(tissue.cell_diameter, MODEL_DIAMETER)
     shape = settings.volume_shape
-    drawn = (max(8, -(-shape[0] // z_step)), shape[1], shape[2])
-    if zoom != 1.0:
+    if zoom == 1.0:  # the volumes drawn before the option existed, unchanged
+        drawn = (max(8, -(-shape[0] // z_step)), shape[1], shape[2])
+    else:
         drawn = (max(8, round(shape[0] / (z_step * zoom))), max(16, round(shape[1] / zoom)), max(16, round(shape[2] / zoom)))
     vol = make_tissue_volume(drawn, seed=seed, settings=tissue)
     image = normalize(vol.image[np.newaxis].astype(np.float32), NORMALIZATION)

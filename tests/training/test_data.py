@@ -1,4 +1,4 @@
-"""Training volumes: small cells zoomed the way the engine zooms them at run time."""
+"""Training volumes: small cells grown into the model's diameter range (``--p-engine-zoom``)."""
 
 from __future__ import annotations
 
