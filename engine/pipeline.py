@@ -24,6 +24,7 @@ from .backends import Backend, BackendOptions, select_backend
 from .bundle import Bundle, load_bundle
 from .errors import InputError
 from .fitting import BackoffRunner
+from .flips import FlipAveraged
 from .labels import SlabLabeler
 from .normalize import normalization_stats
 from .outputs import RunOutputs
@@ -110,6 +111,7 @@ def _run(
         with report.timed("load"):
             backend.prepare(plan.model_patch, plan.tiling.batch_size)  # TensorRT loads or builds its plan now, not mid-run
         report.backend, report.precision, report.device = backend.name, backend.precision, backend.device_name
+        report.tta = options.tta
         report.patch_shape, report.n_patches, report.scale, report.fit = plan.tiling.patch_shape, plan.grid.n_patches, plan.scale, plan.fit
         wz, wy, wx = plan.grid.shape  # the grid the run blends and labels on: the input's, or the model's
         report.slab_depth, report.halo, report.n_slabs = plan.slabs.depth, plan.slabs.halo, plan.slabs.n_slabs(wz)
@@ -121,7 +123,8 @@ def _run(
             halo=plan.slabs.halo, ends=plan.slabs.ends, tile=plan.slabs.tile, store=store, device=backend.device,
         )
         report.label_tile = labeler.tile or 0
-        run = ScaledRun(backend.run, plan.model_patch) if plan.resamples_patches else backend.run
+        run = FlipAveraged(backend.run) if options.tta else backend.run
+        run = ScaledRun(run, plan.model_patch) if plan.resamples_patches else run
         runner = BackoffRunner(run, batch_size=plan.tiling.batch_size, oom_errors=backend.oom_errors)
         tracker = ProgressTracker(progress, unit=options.progress_unit, total_voxels=wz * wy * wx)
         timings = StreamTimings()

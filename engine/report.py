@@ -76,6 +76,7 @@ class RunReport:
     oom_retries: int = 0
     fit: str = ""
     scale: ScalePlan | None = None
+    tta: bool = False
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -100,6 +101,7 @@ class RunReport:
         slabs = f" slabs={self.n_slabs}x{self.slab_depth}+halo{self.halo}" if self.n_slabs > 1 else ""
         slabs += f" tiles={self.label_tile}" if self.label_tile else ""
         slabs += " labels=model-grid" if self.label_grid == "model" else ""
+        slabs += " tta=flips8" if self.tta else ""
         scale = self.scale.describe() if self.scale else "scale=?"
         return (
             f"{self.n_cells} cells | backend={self.backend} precision={self.precision} device={self.device} "

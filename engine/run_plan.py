@@ -70,6 +70,8 @@ class SegmentOptions:
         cell_diameter: typical cell diameter, µm when the voxel size is known, else xy voxels (None:
             estimated from the data, see :mod:`engine.scale`).
         rescale: ``auto`` (run the network at the model's cell size and voxel grid) or ``off`` (as is).
+        tta: average the network over the eight flips of each patch (:mod:`engine.flips`; eight times the
+            network's time); the scale estimate runs without them.
     """
 
     backend: str = "auto"
@@ -88,6 +90,7 @@ class SegmentOptions:
     voxel_size_um: tuple[float, float, float] | None = None
     cell_diameter: float | None = None
     rescale: str = "auto"
+    tta: bool = False
 
 
 @dataclass(frozen=True)

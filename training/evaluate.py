@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-bf16-check", action="store_true", help="skip the bf16 vs fp32 comparison")
     parser.add_argument("--old-bundle", type=Path, default=None, help="also score this bundle on the stress rows, rescaling off")
     parser.add_argument("--no-stress", action="store_true", help="skip the stress matrix")
+    parser.add_argument("--tta", action="store_true", help="also score the model with test-time flips on the stress rows")
     parser.add_argument("--record", action="store_true",
                         help="write the figures into the bundle's bundle.json (validation.held_out_evaluation)")
     return parser
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(report))
     if not args.no_stress:
         old = load_bundle(args.old_bundle) if args.old_bundle is not None else None
-        report["stress"] = run_stress(bundle, old_bundle=old, quick=args.quick)
+        report["stress"] = run_stress(bundle, old_bundle=old, quick=args.quick, tta=args.tta)
         print("\n" + format_stress(report["stress"]))
     print(f"\n({report['wall_time_s']:.0f} s + stress {report.get('stress', {}).get('wall_time_s', 0):.0f} s; {command})")
     if args.json is not None:

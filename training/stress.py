@@ -80,8 +80,9 @@ def _run_bundle(bundle: Bundle, image: np.ndarray, row: StressRow, options: Segm
     return result.labels, time.perf_counter() - started, result.report.scale.describe()
 
 
-def run_stress(bundle: Bundle, /, *, old_bundle: Bundle | None = None, quick: bool = False) -> dict[str, Any]:
-    """Score every row for ``bundle`` (defaults), ``old_bundle`` (rescaling off) and the tuned baseline."""
+def run_stress(bundle: Bundle, /, *, old_bundle: Bundle | None = None, quick: bool = False, tta: bool = False) -> dict[str, Any]:
+    """Score every row for ``bundle`` (defaults; with ``tta`` also with test-time flips), ``old_bundle``
+    (rescaling off) and the tuned baseline."""
     rows = stress_rows(quick=quick)
     started = time.perf_counter()
     validation = []
@@ -94,6 +95,9 @@ def run_stress(bundle: Bundle, /, *, old_bundle: Bundle | None = None, quick: bo
         vol = row.volume(STRESS_SEED_BASE + i)
         labels, seconds, scale = _run_bundle(bundle, vol.image, row, SegmentOptions())
         entry: dict[str, Any] = {"row": row.name, "shape": list(row.shape), "scale": scale, "model": _scores(labels, vol.labels, seconds)}
+        if tta:
+            labels, seconds, _ = _run_bundle(bundle, vol.image, row, SegmentOptions(tta=True))
+            entry["tta"] = _scores(labels, vol.labels, seconds)
         if old_bundle is not None:
             labels, seconds, _ = _run_bundle(old_bundle, vol.image, row, SegmentOptions(rescale="off"))
             entry["old"] = _scores(labels, vol.labels, seconds)
@@ -106,8 +110,8 @@ def run_stress(bundle: Bundle, /, *, old_bundle: Bundle | None = None, quick: bo
 
 def format_stress(report: dict[str, Any], /) -> str:
     """Markdown: one line per row, F1@0.5 / mean matched IoU / ARE for each method."""
-    methods = [m for m in ("model", "old", "classical") if m in report["rows"][0]]
-    names = {"model": "this model", "old": "old model, no rescaling", "classical": "classical baseline"}
+    methods = [m for m in ("model", "tta", "old", "classical") if m in report["rows"][0]]
+    names = {"model": "this model", "tta": "this model, --tta", "old": "old model, no rescaling", "classical": "classical baseline"}
     head = "| stress row | shape | cells | " + " | ".join(f"{names[m]} F1 / IoU / ARE" for m in methods) + " | scale used |"
     lines = [head, "|" + "---|" * (4 + len(methods))]
     for r in report["rows"]:

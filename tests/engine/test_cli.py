@@ -20,6 +20,14 @@ def test_segment_prints_summary(tiny_bundle, blob_tiff: Path, tmp_path: Path, ca
     assert tifffile.imread(out).shape == (20, 40, 44)
 
 
+def test_tta_flag_reaches_the_run(tiny_bundle, blob_tiff: Path, tmp_path: Path, capsys) -> None:
+    args = ["segment", str(blob_tiff), "-o", str(tmp_path / "l.tif"), "--bundle", str(tiny_bundle.path), "--patch", "8,16,16"]
+    assert main([*args, "--tta"]) == 0
+    assert "tta=flips8" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "tta=" not in capsys.readouterr().out
+
+
 def test_input_error_is_one_line_exit_2(tiny_bundle, tmp_path: Path, capsys) -> None:
     src = tmp_path / "flat.tif"
     tifffile.imwrite(src, np.zeros((10, 10), np.uint8))

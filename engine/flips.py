@@ -1,0 +1,40 @@
+"""Test-time flip averaging: the network's output for a patch averaged over the patch's eight mirror images.
+
+A network that learned a flip-invariant task (training flips every crop, ``training/data.py``) still answers
+each mirror image a little differently; the mean of the eight answers has less of that variance, as
+nnU-Net's default "mirroring" at inference does. It costs eight network passes per patch, so it is an option
+(``--tta``), not the default: on the stress rows' validation stacks (seeds 950+) it raised the mean F1 /
+matched IoU of the shipped model from 0.839 / 0.674 to 0.846 / 0.682 (README, "Accuracy").
+
+The flips are applied to each batch the tiler hands the network, on the backend's device, so every backend
+(torch, ONNX Runtime, TensorRT), the streamed slabs and the model-grid runs get them alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["FLIPS", "FlipAveraged"]
+
+# Every subset of the spatial axes (z, y, x) of an (N, C, Z, Y, X) batch: the identity and seven mirror images.
+FLIPS: tuple[tuple[int, ...], ...] = tuple(c for k in range(4) for c in itertools.combinations((2, 3, 4), k))
+
+
+class FlipAveraged:
+    """``run`` averaged over the flips in :data:`FLIPS`: each flipped batch is run and its output flipped back.
+
+    ``run`` may return a buffer it reuses on the next call (the TensorRT backend does): each output is added
+    to a separate sum before the next call.
+    """
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], /) -> None:
+        self.run = run
+
+    def __call__(self, batch: torch.Tensor, /) -> torch.Tensor:
+        total = self.run(batch).to(torch.float32, copy=True)  # FLIPS[0] is the identity
+        for axes in FLIPS[1:]:
+            total += torch.flip(self.run(torch.flip(batch, axes)), axes)  # torch.flip copies
+        return total.div_(len(FLIPS))

@@ -1,0 +1,59 @@
+"""Test-time flip averaging: the mean of the eight mirror images, whatever the backend does with its buffers."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from engine import SegmentOptions, segment
+from engine.flips import FLIPS, FlipAveraged
+
+
+def _cumsum_x(batch: torch.Tensor) -> torch.Tensor:
+    """A run no flip leaves alone: running sums along x."""
+    return torch.cumsum(batch, dim=4)
+
+
+def test_flips_are_every_mirror_image_once() -> None:
+    assert FLIPS[0] == () and len(set(FLIPS)) == 8
+    assert set(FLIPS) == {c for k in range(4) for c in itertools.combinations((2, 3, 4), k)}
+
+
+def test_a_flip_equivariant_run_is_unchanged() -> None:
+    batch = torch.from_numpy(np.random.default_rng(0).random((2, 1, 4, 6, 8), dtype=np.float32))
+    np.testing.assert_allclose(FlipAveraged(torch.sigmoid)(batch).numpy(), torch.sigmoid(batch).numpy(), rtol=0, atol=1e-6)
+
+
+def test_output_is_the_mean_over_mirror_images() -> None:
+    a = np.random.default_rng(1).random((2, 1, 3, 5, 7), dtype=np.float32)
+    expected = np.mean([np.flip(np.cumsum(np.flip(a, f), axis=4), f) for f in FLIPS], axis=0)
+    got = FlipAveraged(_cumsum_x)(torch.from_numpy(a)).numpy()
+    assert not np.allclose(got, np.cumsum(a, axis=4), atol=1e-3)  # the flips changed the answer
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_reused_output_buffer_is_not_overwritten() -> None:
+    """The TensorRT backend returns one preallocated output buffer for every call."""
+    batch = torch.from_numpy(np.random.default_rng(2).random((1, 1, 4, 4, 4), dtype=np.float32))
+    buffer = torch.empty_like(batch)
+
+    def into_buffer(b: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(b, dim=4, out=buffer)
+
+    np.testing.assert_allclose(FlipAveraged(into_buffer)(batch).numpy(), FlipAveraged(_cumsum_x)(batch).numpy(), atol=1e-6)
+
+
+def test_segment_averages_the_mirror_images_of_the_stack(tiny_bundle) -> None:
+    """One patch covers the stack, so flipping each patch is flipping the stack: the run with ``tta`` equals
+    the mean of eight plain runs on the flipped stack, flipped back (fp32, float32 sums: 1e-5)."""
+    volume = np.random.default_rng(3).random((16, 32, 32)).astype(np.float32)
+    plain = SegmentOptions(patch_shape=(16, 32, 32), batch_size=1, precision="fp32", rescale="off")
+    runs = [np.flip(segment(np.flip(volume, tuple(a - 2 for a in f)).copy(), bundle=tiny_bundle, options=plain).probabilities,
+                    tuple(a - 1 for a in f)) for f in FLIPS]
+    result = segment(volume, bundle=tiny_bundle, options=SegmentOptions(**{**plain.__dict__, "tta": True}))
+    assert result.report.tta and "tta=flips8" in result.report.summary()
+    assert result.labels.shape == volume.shape
+    assert np.abs(runs[1] - runs[0]).max() > 1e-3  # the random network is not flip invariant
+    np.testing.assert_allclose(result.probabilities, np.mean(runs, axis=0), rtol=0, atol=1e-5)
