@@ -82,6 +82,9 @@ class PostprocessSpec:
             :mod:`engine.labels.graph`); None: no merging.
         merge_min_size: with ``merge_threshold``, regions under this many voxels then join their
             weakest-boundary neighbour.
+        threshold_per_upsampling: labelling on a model grid zoomed up by ``u`` (its largest zoom), the
+            threshold is lowered by this times ``u - 1``, not below 0.5
+            (:meth:`engine.scale.ScalePlan.model_grid_postprocess`).
     """
 
     method: Literal["watershed", "components"] = "watershed"
@@ -90,6 +93,7 @@ class PostprocessSpec:
     label_threshd: int = 10
     merge_threshold: float | None = None
     merge_min_size: int = 0
+    threshold_per_upsampling: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,8 @@ def add_segment(sub: argparse._SubParsersAction) -> None:
     big.add_argument("--slab-depth", type=positive_int, default=None, help="input planes per z-slab (default: from the memory limit)")
     big.add_argument("--halo", type=count, default=None, help="watershed halo, input planes on each side of a slab (default: max(8, 2*min-dist) at the model's scale)")
     post = p.add_argument_group("post-processing (defaults from the bundle)")
-    post.add_argument("--threshold", type=probability, default=None, help="cell-interior probability threshold")
+    post.add_argument("--threshold", type=probability, default=None,
+                      help="cell-interior probability threshold (lowered on a zoomed-up model grid, see the README)")
     post.add_argument("--min-dist", type=positive_int, default=None, help="minimum distance between watershed seeds (voxels at the model's scale)")
     post.add_argument("--label-threshd", type=count, default=None, help="drop cells smaller than this (voxels at the model's scale)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -4,7 +4,7 @@ A network that learned a flip-invariant task (training flips every crop, ``train
 each mirror image a little differently; the mean of the eight answers has less of that variance, as
 nnU-Net's default "mirroring" at inference does. It costs eight network passes per patch, so it is an option
 (``--tta``), not the default: on the stress matrix it raised the shipped model's mean F1 / matched IoU from
-0.810 / 0.657 to 0.817 / 0.665 at 2.6x the end-to-end time on a 2-core CPU (README, "The shipped default model").
+0.821 / 0.656 to 0.829 / 0.663 at 2.8x the end-to-end time on a 2-core CPU (README, "The shipped default model").
 
 The flips are applied to each batch the tiler hands the network, on the backend's device, so every backend
 (torch, ONNX Runtime, TensorRT), the streamed slabs and the model-grid runs get them alike.

@@ -116,6 +116,7 @@ def _run(
         wz, wy, wx = plan.grid.shape  # the grid the run blends and labels on: the input's, or the model's
         report.slab_depth, report.halo, report.n_slabs = plan.slabs.depth, plan.slabs.halo, plan.slabs.n_slabs(wz)
         report.label_grid = "input" if plan.model_grid is None else "model"
+        report.threshold = plan.spec.threshold
         k = len(bundle.output.names)
         store, write_probs = outputs.open((k, z, y, x), streamed=report.n_slabs > 1, grid=plan.model_grid)
         labeler = SlabLabeler(

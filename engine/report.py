@@ -50,7 +50,9 @@ class RunReport:
     finish planes, :meth:`engine.tiling.SlabGrid.core_ends`) with ``halo`` planes of watershed halo,
     labelled in ``label_tile`` x ``label_tile`` xy tiles when that is set (0: whole planes);
     ``label_grid``: ``model`` when the run blended and labelled on the model's finer grid and sampled the
-    results back (:mod:`engine.model_grid`; slab depth and halo then count model planes), else ``input``.
+    results back (:mod:`engine.model_grid`; slab depth and halo then count model planes), else ``input``;
+    ``threshold``: the interior threshold the labelling used (lowered on a zoomed-up model grid, see
+    :meth:`engine.scale.ScalePlan.model_grid_postprocess`).
     ``orphan_seeds`` counts seeds beyond a slab that flooded into it but that the next slab did not find
     (a sign the halo is too small, see :mod:`engine.labels.slabs`). ``oom_retries``: times the batch was halved
     after the device ran out of memory; ``batch_size`` is the batch in use at the end. ``fit``: where the
@@ -71,6 +73,7 @@ class RunReport:
     halo: int = 0
     label_tile: int = 0
     label_grid: str = "input"
+    threshold: float = 0.0
     n_slabs: int = 0
     orphan_seeds: int = 0
     oom_retries: int = 0
@@ -100,7 +103,7 @@ class RunReport:
         patch = "x".join(map(str, self.patch_shape))
         slabs = f" slabs={self.n_slabs}x{self.slab_depth}+halo{self.halo}" if self.n_slabs > 1 else ""
         slabs += f" tiles={self.label_tile}" if self.label_tile else ""
-        slabs += " labels=model-grid" if self.label_grid == "model" else ""
+        slabs += f" labels=model-grid threshold={self.threshold:g}" if self.label_grid == "model" else ""
         slabs += " tta=flips8" if self.tta else ""
         scale = self.scale.describe() if self.scale else "scale=?"
         return (

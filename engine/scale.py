@@ -111,6 +111,19 @@ class ScalePlan:
         return replace(spec, label_threshd=max(1, round(spec.label_threshd / per_voxel)),
                        merge_min_size=round(spec.merge_min_size / per_voxel))
 
+    def model_grid_postprocess(self, spec: PostprocessSpec, /) -> PostprocessSpec:
+        """``spec`` for labelling on the model's grid (:mod:`engine.model_grid`): counts stay in model voxels,
+        and the interior threshold drops by ``spec.threshold_per_upsampling`` per unit of zoom beyond 1 (the
+        largest axis's), to no lower than 0.5 (or the threshold, when that is lower). Planes interpolated
+        between input planes carry a lower interior probability, so at a 3-4x z step a cell's interior broke
+        at 0.8 into pieces in z that each got a seed (the shipped bundle's value: README, "The shipped default
+        model")."""
+        up = max(self.zoom) - 1.0
+        if up <= 0 or not spec.threshold_per_upsampling:
+            return spec
+        lowered = spec.threshold - spec.threshold_per_upsampling * up
+        return replace(spec, threshold=round(max(min(spec.threshold, 0.5), lowered), 4))
+
     def describe(self) -> str:
         """``scale=z2.00,y0.71,x0.71 (cells 7x20x20 vox, estimated)`` for the summary line."""
         zoom = ",".join(f"{a}{z:.2f}" for a, z in zip("zyx", self.zoom))

@@ -9,7 +9,8 @@ volume per stress row, seeds 950+) are used by no training step and by no evalua
 ``training/stress.py``). The network runs once per volume, as ``engine.segment``
 runs it by default; then every ``threshold`` x ``min_dist`` of the grid is scored with
 ``engine.labels.label_cells`` (criterion: mean of F1@0.5 and mean matched IoU, averaged over the
-volumes), then ``label_threshd`` at the best pair, then the agglomeration (``MERGES``), then the bundle's
+volumes), then ``label_threshd`` at the best pair, then the agglomeration (``MERGES``), then the threshold's
+lowering on zoomed-up model grids (``PER_UPSAMPLING``), then the bundle's
 cell-diameter range (``DIAMETER_RANGES``, which changes the scale the engine picks, so the volumes are run
 again). The patch shape is the fastest of a few candidates
 on a 64x256x256 volume. The chosen values and every figure go into ``bundle.json`` (``postprocess``,
@@ -53,6 +54,7 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_DISTS = (3, 4, 6, 8, 10)
 LABEL_THRESHDS = (5, 20, 50, 100)
 MERGES = ((None, 0), (0.3, 0), (0.5, 0), (0.5, 150), (0.7, 150))  # (merge_threshold, merge_min_size), model voxels
+PER_UPSAMPLING = (0.0, 0.05, 0.1, 0.15)  # interior threshold lowered per unit of zoom-up on the model grid
 DIAMETER_RANGES = ((9.0, 24.0), (12.0, 20.0))  # Bundle.cell_diameter_voxels candidates
 PATCH_CANDIDATES = ((32, 128, 128), (64, 128, 128), (64, 256, 256))
 
@@ -66,8 +68,8 @@ def _label(probs: np.ndarray, bundle: Bundle, spec: PostprocessSpec, plan: Scale
     shape = probs.shape[1:]
     store = MemoryLabelStore(shape)
     on = plan if grid is None else ScalePlan.unscaled("model grid")  # on the model grid the labelling is unscaled
-    labeler = SlabLabeler(shape, output=bundle.output, spec=on.postprocess(spec), sampling=on.sampling,
-                          depth=shape[0], halo=0, store=store)
+    spec = plan.postprocess(spec) if grid is None else plan.model_grid_postprocess(spec)
+    labeler = SlabLabeler(shape, output=bundle.output, spec=spec, sampling=on.sampling, depth=shape[0], halo=0, store=store)
     labeler.push(0, probs)
     labels = labeler.finish().lut[store.labels]
     return labels if grid is None else np.concatenate(list(grid.labels_back(iter([labels]))))
@@ -144,6 +146,9 @@ def tune(
         logger.info("merge_threshold %s merge_min_size %d: F1 %.3f IoU %.3f", t, m, result["f1"], result["mean_matched_iou"])
     best_result, t, m = max(merged, key=lambda r: round(r[0]["objective"], 4))
     best_spec = dataclasses.replace(best_spec, merge_threshold=t, merge_min_size=m)
+    lowered = [(_score(runs, bundle, dataclasses.replace(best_spec, threshold_per_upsampling=k)), k) for k in PER_UPSAMPLING]
+    best_result, k = max(lowered, key=lambda r: round(r[0]["objective"], 4))  # ties: the first, no lowering
+    best_spec = dataclasses.replace(best_spec, threshold_per_upsampling=k)
     ranges = {str(list(bundle.cell_diameter_voxels or ())): best_result["objective"]}
     for candidate in DIAMETER_RANGES:
         if candidate == bundle.cell_diameter_voxels:
@@ -167,6 +172,7 @@ def tune(
         "grid": grid,
         "label_threshd": {str(s.label_threshd): round(r["objective"], 4) for r, s in scored},
         "merge": {f"{t}/{m}": round(r["objective"], 4) for r, t, m in merged},
+        "threshold_per_upsampling": {str(k): round(r["objective"], 4) for r, k in lowered},
         "cell_diameter_voxels": {k: round(v, 4) for k, v in ranges.items()},
         "chosen_cell_diameter_voxels": list(bundle.cell_diameter_voxels or ()),
         "chosen": dataclasses.asdict(best_spec),

@@ -14,7 +14,7 @@ from engine.normalize import normalization_stats
 from engine.pipeline import SegmentOptions, segment
 from engine.labels import clear_background, label_cells
 from engine.labels.distance import BACKGROUND_MARGIN
-from engine.scale import ScaledRun, chord_diameters, plan_for_source, plan_scale, resample
+from engine.scale import ScalePlan, ScaledRun, chord_diameters, plan_for_source, plan_scale, resample
 from engine.streaming import ArraySource
 from engine.synthetic import make_membrane_volume
 from engine.tissue import TissueSettings, make_tissue_volume
@@ -48,6 +48,22 @@ def test_voxel_size_and_diameter_give_the_zoom_directly() -> None:
     assert plan.cell_diameter_voxels == (4.0, 16.0, 16.0)
     assert plan.zoom == pytest.approx((4.0, 1.0, 1.0))  # 16 voxels in xy is in range: only z is resampled
     assert not plan.identity and plan.sampling == pytest.approx((0.25, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("zoom, given, used", [
+    ((3.0, 1.0, 1.0), 0.8, 0.6),  # 0.1 per unit of zoom beyond 1
+    ((1.0, 1.9, 1.9), 0.8, 0.71),  # the largest axis's zoom, whichever axis
+    ((4.5, 1.0, 1.0), 0.8, 0.5),  # never below 0.5
+    ((3.0, 1.0, 1.0), 0.4, 0.4),  # a threshold under 0.5 is never raised
+    ((0.7, 0.7, 0.7), 0.8, 0.8),  # zoomed down: unchanged
+])
+def test_model_grid_threshold_drops_with_the_upsampling(zoom, given, used) -> None:  # noqa: ANN001
+    spec = PostprocessSpec(threshold=given, min_dist=6, label_threshd=50, threshold_per_upsampling=0.1)
+    out = ScalePlan(zoom, (0.0, 0.0, 0.0), "test").model_grid_postprocess(spec)
+    assert out.threshold == pytest.approx(used)
+    assert (out.min_dist, out.label_threshd) == (6, 50)  # counts stay in model voxels
+    plain = PostprocessSpec(threshold=given)
+    assert ScalePlan(zoom, (0.0, 0.0, 0.0), "test").model_grid_postprocess(plain) == plain  # 0 per zoom: as given
 
 
 def test_large_cells_are_zoomed_to_the_top_of_the_range() -> None:
