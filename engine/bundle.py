@@ -82,8 +82,8 @@ class PostprocessSpec:
             :mod:`engine.labels.graph`); None: no merging.
         merge_min_size: with ``merge_threshold``, regions under this many voxels then join their
             weakest-boundary neighbour.
-        threshold_per_upsampling: labelling on a model grid zoomed up by ``u`` (its largest zoom), the
-            threshold is lowered by this times ``u - 1``, not below 0.5
+        threshold_per_upsampling: labelling on a model grid zoomed up by ``u`` in z, the threshold is
+            lowered by this times ``u - 1``, not below 0.5
             (:meth:`engine.scale.ScalePlan.model_grid_postprocess`).
     """
 
@@ -218,6 +218,10 @@ def parse_bundle(doc: dict[str, Any], path: Path) -> Bundle:
     diameter = doc.get("cell_diameter_voxels")
     if diameter is not None and not _diameter_range(diameter):
         raise BundleError(f"{where}: 'cell_diameter_voxels' must be [low, high] with 0 < low <= high, or null, got {diameter!r}")
+    postprocess = _section(where, doc, "postprocess", PostprocessSpec, {"method": POSTPROCESS_METHODS})
+    if not isinstance(postprocess.threshold_per_upsampling, (int, float)) or not postprocess.threshold_per_upsampling >= 0:
+        raise BundleError(f"{where}: 'postprocess.threshold_per_upsampling' must be a number >= 0, "
+                          f"got {postprocess.threshold_per_upsampling!r}")
     overlap = doc.get("overlap", 0.25)
     if not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
         raise BundleError(f"{where}: 'overlap' must be >= 0 and < 1, got {overlap!r}")
@@ -232,7 +236,7 @@ def parse_bundle(doc: dict[str, Any], path: Path) -> Bundle:
         output=output,
         patch_shape=_patch_shape(where, doc.get("patch_shape"), model_divisor(model)),
         overlap=float(overlap),
-        postprocess=_section(where, doc, "postprocess", PostprocessSpec, {"method": POSTPROCESS_METHODS}),
+        postprocess=postprocess,
         voxel_size_um=tuple(float(v) for v in voxel) if voxel else None,  # type: ignore[arg-type]
         cell_diameter_voxels=(float(diameter[0]), float(diameter[1])) if diameter is not None else None,
         training=dict(doc.get("training", {})),

@@ -26,8 +26,8 @@ FLIPS: tuple[tuple[int, ...], ...] = tuple(c for k in range(4) for c in itertool
 class FlipAveraged:
     """``run`` averaged over the flips in :data:`FLIPS`: each flipped batch is run and its output flipped back.
 
-    ``run`` may return a buffer it reuses on the next call (the TensorRT backend does): each output is added
-    to a separate sum before the next call.
+    The first output is copied into a separate float32 sum before the next call: a backend's output may be
+    a buffer it reuses, or (torch) an inference-mode tensor that cannot be added to in place.
     """
 
     def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], /) -> None:

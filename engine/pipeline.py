@@ -30,7 +30,7 @@ from .normalize import normalization_stats
 from .outputs import RunOutputs
 from .progress import Progress, ProgressTracker
 from .report import RunReport
-from .run_plan import SegmentOptions, check_options, plan_run
+from .run_plan import RunPlan, SegmentOptions, check_options, plan_run
 from .scale import ScaledRun
 from .streaming import ArraySource, Source, StreamTimings, prefetched, stream, volume_stats
 from .tiff_stream import write_labels_stream
@@ -81,6 +81,14 @@ def _stats(source: Source, bundle: Bundle) -> list[tuple[float, float]]:
         raise InputError(f"{source.path}: {exc}") from exc  # type: ignore[attr-defined]
 
 
+def _network_run(backend: Backend, plan: RunPlan, options: SegmentOptions) -> BackoffRunner:
+    """What the tiler calls per batch: the backend, averaged over flips (``tta``), on patches resampled to the
+    model's grid when the plan zooms patches, halving the batch on out-of-memory."""
+    run = FlipAveraged(backend.run) if options.tta else backend.run
+    run = ScaledRun(run, plan.model_patch) if plan.resamples_patches else run
+    return BackoffRunner(run, batch_size=plan.tiling.batch_size, oom_errors=backend.oom_errors)
+
+
 def _run(
     source: Source,
     /,
@@ -124,9 +132,7 @@ def _run(
             halo=plan.slabs.halo, ends=plan.slabs.ends, tile=plan.slabs.tile, store=store, device=backend.device,
         )
         report.label_tile = labeler.tile or 0
-        run = FlipAveraged(backend.run) if options.tta else backend.run
-        run = ScaledRun(run, plan.model_patch) if plan.resamples_patches else run
-        runner = BackoffRunner(run, batch_size=plan.tiling.batch_size, oom_errors=backend.oom_errors)
+        runner = _network_run(backend, plan, options)
         tracker = ProgressTracker(progress, unit=options.progress_unit, total_voxels=wz * wy * wx)
         timings = StreamTimings()
         stream(

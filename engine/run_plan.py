@@ -71,7 +71,9 @@ class SegmentOptions:
             estimated from the data, see :mod:`engine.scale`).
         rescale: ``auto`` (run the network at the model's cell size and voxel grid) or ``off`` (as is).
         tta: average the network over the eight flips of each patch (:mod:`engine.flips`; eight times the
-            network's time); the scale estimate runs without them.
+            network's time; on a GPU an output-sized sum and a flipped batch beside the fitted batch, which
+            the batch fit does not count: an out-of-memory halves the batch as usual); the scale estimate
+            runs without them.
     """
 
     backend: str = "auto"

@@ -113,12 +113,12 @@ class ScalePlan:
 
     def model_grid_postprocess(self, spec: PostprocessSpec, /) -> PostprocessSpec:
         """``spec`` for labelling on the model's grid (:mod:`engine.model_grid`): counts stay in model voxels,
-        and the interior threshold drops by ``spec.threshold_per_upsampling`` per unit of zoom beyond 1 (the
-        largest axis's), to no lower than 0.5 (or the threshold, when that is lower). Planes interpolated
-        between input planes carry a lower interior probability, so at a 3-4x z step a cell's interior broke
-        at 0.8 into pieces in z that each got a seed (the shipped bundle's value: README, "The shipped default
-        model")."""
-        up = max(self.zoom) - 1.0
+        and the interior threshold drops by ``spec.threshold_per_upsampling`` per unit of z zoom beyond 1, to
+        no lower than 0.5 (or the threshold, when that is lower). Planes interpolated between input planes
+        carry a lower interior probability, so at a 3-4x z step a cell's interior broke at 0.8 into pieces in
+        z that each got a seed (the shipped bundle's value: README, "The shipped default model"). Only z: a
+        zoom up in y and x (small cells of a given size) was not measured, so it keeps the threshold."""
+        up = self.zoom[0] - 1.0
         if up <= 0 or not spec.threshold_per_upsampling:
             return spec
         lowered = spec.threshold - spec.threshold_per_upsampling * up

@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-bf16-check", action="store_true", help="skip the bf16 vs fp32 comparison")
     parser.add_argument("--old-bundle", type=Path, default=None, help="also score this bundle on the stress rows, rescaling off")
     parser.add_argument("--no-stress", action="store_true", help="skip the stress matrix")
-    parser.add_argument("--tta", action="store_true", help="also score the model with test-time flips on the stress rows")
+    parser.add_argument("--tta", action="store_true", help="also score the model with test-time flips on the stress rows (nothing with --no-stress)")
     parser.add_argument("--record", action="store_true",
                         help="write the figures into the bundle's bundle.json (validation.held_out_evaluation)")
     return parser

@@ -9,8 +9,8 @@ volume per stress row, seeds 950+) are used by no training step and by no evalua
 ``training/stress.py``). The network runs once per volume, as ``engine.segment``
 runs it by default; then every ``threshold`` x ``min_dist`` of the grid is scored with
 ``engine.labels.label_cells`` (criterion: mean of F1@0.5 and mean matched IoU, averaged over the
-volumes), then ``label_threshd`` at the best pair, then the agglomeration (``MERGES``), then the threshold's
-lowering on zoomed-up model grids (``PER_UPSAMPLING``), then the bundle's
+volumes), then ``label_threshd`` at the best pair, then the agglomeration (``MERGES``), then the threshold
+again together with its lowering on zoomed-up model grids (``PER_UPSAMPLING``), then the bundle's
 cell-diameter range (``DIAMETER_RANGES``, which changes the scale the engine picks, so the volumes are run
 again). The patch shape is the fastest of a few candidates
 on a 64x256x256 volume. The chosen values and every figure go into ``bundle.json`` (``postprocess``,
@@ -123,6 +123,19 @@ def _validation_runs(bundle: Bundle) -> list[Run]:
     return runs
 
 
+def _tune_lowering(runs: list[Run], bundle: Bundle, spec: PostprocessSpec) -> tuple[dict[str, Any], PostprocessSpec, dict[str, float]]:
+    """The threshold and its lowering on zoomed-up model grids (``PER_UPSAMPLING``), searched together (the
+    lowering moves the threshold the model-grid runs see); ties go to the first pair: no lowering, low threshold.
+
+    Returns:
+        The best score, the spec with both set, and the objective of each ``"threshold/lowering"``.
+    """
+    scored = [(_score(runs, bundle, dataclasses.replace(spec, threshold=t, threshold_per_upsampling=k)), t, k)
+              for k, t in itertools.product(PER_UPSAMPLING, THRESHOLDS)]
+    result, t, k = max(scored, key=lambda r: round(r[0]["objective"], 4))
+    return result, dataclasses.replace(spec, threshold=t, threshold_per_upsampling=k), {f"{t}/{k}": round(r["objective"], 4) for r, t, k in scored}
+
+
 def tune(
     bundle: Bundle, /, *, measure_patches: bool = True
 ) -> tuple[PostprocessSpec, tuple[int, int, int], dict[str, Any], tuple[float, float] | None]:
@@ -130,15 +143,16 @@ def tune(
     started = time.perf_counter()
     runs = _validation_runs(bundle)
     grid = []
+    base = dataclasses.replace(bundle.postprocess, method="watershed", threshold_per_upsampling=0.0)  # as any bundle starts
     for threshold, min_dist in itertools.product(THRESHOLDS, MIN_DISTS):
-        spec = dataclasses.replace(bundle.postprocess, method="watershed", threshold=threshold, min_dist=min_dist)
+        spec = dataclasses.replace(base, threshold=threshold, min_dist=min_dist)
         result = _score(runs, bundle, spec)
         grid.append({"threshold": threshold, "min_dist": min_dist, "f1": round(result["f1"], 4),
                      "mean_matched_iou": round(result["mean_matched_iou"], 4)})
         logger.info("threshold %.2f min_dist %d: F1 %.3f IoU %.3f", threshold, min_dist, result["f1"], result["mean_matched_iou"])
     best = max(grid, key=lambda g: (g["f1"] + g["mean_matched_iou"], -g["min_dist"]))
-    specs = [dataclasses.replace(bundle.postprocess, method="watershed", threshold=best["threshold"],
-                                 min_dist=best["min_dist"], label_threshd=n) for n in LABEL_THRESHDS]
+    specs = [dataclasses.replace(base, threshold=best["threshold"], min_dist=best["min_dist"], label_threshd=n)
+             for n in LABEL_THRESHDS]
     scored = [(_score(runs, bundle, s), s) for s in specs]
     best_result, best_spec = max(scored, key=lambda rs: (round(rs[0]["objective"], 4), rs[1].label_threshd))
     merged = [(_score(runs, bundle, dataclasses.replace(best_spec, merge_threshold=t, merge_min_size=m)), t, m) for t, m in MERGES]
@@ -146,9 +160,7 @@ def tune(
         logger.info("merge_threshold %s merge_min_size %d: F1 %.3f IoU %.3f", t, m, result["f1"], result["mean_matched_iou"])
     best_result, t, m = max(merged, key=lambda r: round(r[0]["objective"], 4))
     best_spec = dataclasses.replace(best_spec, merge_threshold=t, merge_min_size=m)
-    lowered = [(_score(runs, bundle, dataclasses.replace(best_spec, threshold_per_upsampling=k)), k) for k in PER_UPSAMPLING]
-    best_result, k = max(lowered, key=lambda r: round(r[0]["objective"], 4))  # ties: the first, no lowering
-    best_spec = dataclasses.replace(best_spec, threshold_per_upsampling=k)
+    best_result, best_spec, lowered = _tune_lowering(runs, bundle, best_spec)
     ranges = {str(list(bundle.cell_diameter_voxels or ())): best_result["objective"]}
     for candidate in DIAMETER_RANGES:
         if candidate == bundle.cell_diameter_voxels:
@@ -172,7 +184,7 @@ def tune(
         "grid": grid,
         "label_threshd": {str(s.label_threshd): round(r["objective"], 4) for r, s in scored},
         "merge": {f"{t}/{m}": round(r["objective"], 4) for r, t, m in merged},
-        "threshold_per_upsampling": {str(k): round(r["objective"], 4) for r, k in lowered},
+        "threshold_per_upsampling": lowered,
         "cell_diameter_voxels": {k: round(v, 4) for k, v in ranges.items()},
         "chosen_cell_diameter_voxels": list(bundle.cell_diameter_voxels or ()),
         "chosen": dataclasses.asdict(best_spec),

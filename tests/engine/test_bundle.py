@@ -35,6 +35,8 @@ def test_round_trip(tiny_bundle) -> None:
         (lambda d: d["output"].update(flavour=1), r"unknown key\(s\) \['flavour'\] in 'output'"),
         (lambda d: d.update(patch_shape=[10, 32, 32]), r"'patch_shape' must be 3 positive ints divisible by 4"),
         (lambda d: d.update(overlap=1.5), "'overlap' must be >= 0 and < 1"),
+        (lambda d: d["postprocess"].update(threshold_per_upsampling=-0.1), "'postprocess.threshold_per_upsampling' must be a number >= 0"),
+        (lambda d: d["postprocess"].update(threshold_per_upsampling=None), "'postprocess.threshold_per_upsampling' must be a number >= 0"),
         (lambda d: d["architecture"].update(name="VNet"), "unknown architecture 'VNet'"),
         (lambda d: d.update(format_version=9), "format_version"),
     ],

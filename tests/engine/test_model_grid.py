@@ -102,7 +102,7 @@ def test_streamed_file_on_the_model_grid_equals_the_in_memory_run(tmp_path, bund
     tifffile.imwrite(stack, image, imagej=True, resolution=(1.0, 1.0), metadata={"spacing": 3.0, "unit": "um", "axes": "ZYX"})
     opts = SegmentOptions(backend="torch-cpu", precision="fp32", cell_diameter=14.0)
     whole = segment(image, bundle=bundle, options=opts, voxel_size_um=(3.0, 1.0, 1.0))
-    assert whole.report.label_grid == "model" and "labels=model-grid threshold=0.6" in whole.report.summary()
+    assert whole.report.label_grid == "model" and f"labels=model-grid threshold={whole.report.threshold:g}" in whole.report.summary()
     assert whole.report.threshold == pytest.approx(bundle.postprocess.threshold - 2 * bundle.postprocess.threshold_per_upsampling)
     streamed = segment_file(stack, tmp_path / "labels.tif", bundle=bundle, options=SegmentOptions(**{**opts.__dict__, "slab_depth": 4}),
                             prob_path=tmp_path / "prob.tif")

@@ -52,8 +52,10 @@ def test_voxel_size_and_diameter_give_the_zoom_directly() -> None:
 
 @pytest.mark.parametrize("zoom, given, used", [
     ((3.0, 1.0, 1.0), 0.8, 0.6),  # 0.1 per unit of zoom beyond 1
-    ((1.0, 1.9, 1.9), 0.8, 0.71),  # the largest axis's zoom, whichever axis
+    ((1.9, 1.0, 1.0), 0.8, 0.71),
+    ((1.0, 1.9, 1.9), 0.8, 0.8),  # y and x zoomed up: not measured, unchanged
     ((4.5, 1.0, 1.0), 0.8, 0.5),  # never below 0.5
+    ((3.0, 1.0, 1.0), 0.55, 0.5),
     ((3.0, 1.0, 1.0), 0.4, 0.4),  # a threshold under 0.5 is never raised
     ((0.7, 0.7, 0.7), 0.8, 0.8),  # zoomed down: unchanged
 ])
