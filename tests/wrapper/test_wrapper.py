@@ -98,6 +98,7 @@ def test_full_run_finishes_with_outputs(image: Any, tiny_bundle: Bundle, tmp_pat
     assert int(meta["cell_count"]) == int(labels.max()) == len(np.unique(labels[labels > 0]))
     assert meta["backend"] and meta["precision"] and meta["device"]
     assert (meta["threshold"], meta["min_dist"], meta["label_threshd"]) == ("0.05", "2", "3")
+    assert meta["threshold_used"] == "0.05"  # a threshold under 0.5 is never lowered, on any grid
     # the image service sent a TIFF without spacing: the voxel size came from ?meta, and went into the labels
     assert meta["voxel_size_um"] == "2x0.5x0.5" and meta["image_shape"] == "12x24x28"
     assert _label_voxel(labels_upload.data, tmp_path) == (2.0, 0.5, 0.5)
