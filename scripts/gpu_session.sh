@@ -4,7 +4,7 @@
 #     batches of 16, each with a third of the cores making volumes), continued from the shipped weights;
 #     which one ships (if either) is decided afterwards on the validation volumes, not here;
 #   - meanwhile: the CUDA equality test of the torch labelling steps, the device labelling benchmark
-#     (benchmarks/labels_device.py) and the GPU-marked backend tests;
+#     (benchmarks/labels_device.py), the cost of --tta and the GPU-marked backend tests;
 #   - everything packed into OUT_DIR/results.tar.gz (checkpoints, bundles, logs) plus the logs beside it.
 #
 # Usage: scripts/gpu_session.sh [OUT_DIR] [TRAIN_SECONDS]   (default: gpu_out, 330)
@@ -32,6 +32,11 @@ B=$!
   timeout 150 $PY -m pytest -q -p no:cacheprovider -rA tests/engine/test_labels_device.py -k cuda 2>&1 | tail -5
   echo "== device labelling benchmark"
   timeout 200 $PY -m benchmarks.labels_device --device cuda --shape 64,512,512 --json "$OUT/labels_device.json" 2>&1
+  echo "== --tta cost on the GPU (torch-cuda, a 128x512x512 sample; the summary lines give the times)"
+  $PY -m engine.cli sample "$WORK/tta.tif" --shape 128,512,512 --seed 5 > /dev/null 2>&1
+  for flag in "" --tta; do
+    timeout 120 $PY -m engine.cli segment "$WORK/tta.tif" -o "$WORK/tta_labels$flag.tif" --backend torch-cuda $flag --no-progress 2>&1 | tail -1
+  done
   echo "== GPU-marked backend tests"
   timeout 120 $PY -m pytest -q -p no:cacheprovider -rA -m "gpu or tensorrt" tests/engine/test_ort_backend.py \
       tests/engine/test_backend_contract.py tests/engine/test_trt_backend.py 2>&1 | tail -25
