@@ -84,7 +84,7 @@ class PostprocessSpec:
             weakest-boundary neighbour.
         threshold_per_upsampling: labelling on a model grid zoomed up by ``u`` in z, the threshold is
             lowered by this times ``u - 1``, not below 0.5
-            (:meth:`engine.scale.ScalePlan.model_grid_postprocess`).
+            (:meth:`engine.scale.ScalePlan.postprocess`).
     """
 
     method: Literal["watershed", "components"] = "watershed"

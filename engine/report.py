@@ -52,7 +52,7 @@ class RunReport:
     ``label_grid``: ``model`` when the run blended and labelled on the model's finer grid and sampled the
     results back (:mod:`engine.model_grid`; slab depth and halo then count model planes), else ``input``;
     ``threshold``: the interior threshold the labelling used (lowered on a zoomed-up model grid, see
-    :meth:`engine.scale.ScalePlan.model_grid_postprocess`).
+    :meth:`engine.scale.ScalePlan.postprocess`).
     ``orphan_seeds`` counts seeds beyond a slab that flooded into it but that the next slab did not find
     (a sign the halo is too small, see :mod:`engine.labels.slabs`). ``oom_retries``: times the batch was halved
     after the device ran out of memory; ``batch_size`` is the batch in use at the end. ``fit``: where the

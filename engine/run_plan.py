@@ -371,8 +371,7 @@ def plan_run(
     model_grid = ModelGrid.for_scale((z, y, x), scale) if labels_on_model_grid(scale) else None
     # on the model grid the run itself is unscaled: spec, patch and halo in model voxels
     work, shape = (scale, (z, y, x)) if model_grid is None else (ScalePlan.unscaled("model grid"), model_grid.model_shape)
-    spec = _postprocess_spec(bundle, options)
-    spec = scale.postprocess(spec) if model_grid is None else scale.model_grid_postprocess(spec)
+    spec = scale.postprocess(_postprocess_spec(bundle, options), on_model_grid=model_grid is not None)
     budget = memory_budget(options)
     if model_grid is not None:
         budget = _model_grid_budget(budget, model_grid, source, options)

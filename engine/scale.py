@@ -101,28 +101,30 @@ class ScalePlan:
         sides = [max(1, round(s * z)) for s, z in zip(shape, self.zoom)]
         return (sides[0], sides[1], sides[2])
 
-    def postprocess(self, spec: PostprocessSpec, /) -> PostprocessSpec:
-        """``spec`` (in model voxels) for labelling on the input grid with :attr:`sampling`: ``min_dist`` stays
-        in model voxels (the labeller measures it with the sampling), ``label_threshd`` and ``merge_min_size``
-        are counted in input voxels."""
+    def postprocess(self, spec: PostprocessSpec, /, *, on_model_grid: bool = False) -> PostprocessSpec:
+        """``spec`` (in model voxels) for the grid the run labels on.
+
+        On the input grid, with :attr:`sampling`: ``min_dist`` stays in model voxels (the labeller measures it
+        with the sampling), ``label_threshd`` and ``merge_min_size`` are counted in input voxels.
+
+        On the model's grid (``on_model_grid``, :mod:`engine.model_grid`): counts stay in model voxels, and the
+        interior threshold drops by ``spec.threshold_per_upsampling`` per unit of z zoom beyond 1, to no lower
+        than 0.5 (or the threshold, when that is lower). Planes interpolated between input planes carry a
+        lower interior probability, so at a 3-4x z step a cell's interior broke at 0.8 into pieces in z that
+        each got a seed (the shipped bundle's value: README, "The shipped default model"). Only z: a zoom up
+        in y and x (small cells of a given size) was not measured, so it keeps the threshold.
+        """
+        if on_model_grid:
+            up = self.zoom[0] - 1.0
+            if up <= 0 or not spec.threshold_per_upsampling:
+                return spec
+            lowered = spec.threshold - spec.threshold_per_upsampling * up
+            return replace(spec, threshold=round(max(min(spec.threshold, 0.5), lowered), 4))
         if self.identity:
             return spec
         per_voxel = self.zoom[0] * self.zoom[1] * self.zoom[2]
         return replace(spec, label_threshd=max(1, round(spec.label_threshd / per_voxel)),
                        merge_min_size=round(spec.merge_min_size / per_voxel))
-
-    def model_grid_postprocess(self, spec: PostprocessSpec, /) -> PostprocessSpec:
-        """``spec`` for labelling on the model's grid (:mod:`engine.model_grid`): counts stay in model voxels,
-        and the interior threshold drops by ``spec.threshold_per_upsampling`` per unit of z zoom beyond 1, to
-        no lower than 0.5 (or the threshold, when that is lower). Planes interpolated between input planes
-        carry a lower interior probability, so at a 3-4x z step a cell's interior broke at 0.8 into pieces in
-        z that each got a seed (the shipped bundle's value: README, "The shipped default model"). Only z: a
-        zoom up in y and x (small cells of a given size) was not measured, so it keeps the threshold."""
-        up = self.zoom[0] - 1.0
-        if up <= 0 or not spec.threshold_per_upsampling:
-            return spec
-        lowered = spec.threshold - spec.threshold_per_upsampling * up
-        return replace(spec, threshold=round(max(min(spec.threshold, 0.5), lowered), 4))
 
     def describe(self) -> str:
         """``scale=z2.00,y0.71,x0.71 (cells 7x20x20 vox, estimated)`` for the summary line."""

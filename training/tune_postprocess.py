@@ -67,9 +67,9 @@ def _label(probs: np.ndarray, bundle: Bundle, spec: PostprocessSpec, plan: Scale
     there, the labels are sampled back) when the run labels there, else on the input grid."""
     shape = probs.shape[1:]
     store = MemoryLabelStore(shape)
-    on = plan if grid is None else ScalePlan.unscaled("model grid")  # on the model grid the labelling is unscaled
-    spec = plan.postprocess(spec) if grid is None else plan.model_grid_postprocess(spec)
-    labeler = SlabLabeler(shape, output=bundle.output, spec=spec, sampling=on.sampling, depth=shape[0], halo=0, store=store)
+    on_model_grid = grid is not None  # there the labelling is unscaled: no distance sampling
+    labeler = SlabLabeler(shape, output=bundle.output, spec=plan.postprocess(spec, on_model_grid=on_model_grid),
+                          sampling=None if on_model_grid else plan.sampling, depth=shape[0], halo=0, store=store)
     labeler.push(0, probs)
     labels = labeler.finish().lut[store.labels]
     return labels if grid is None else np.concatenate(list(grid.labels_back(iter([labels]))))

@@ -28,7 +28,7 @@ def metadata(result: Any, params: Params, bundle: Any, /, *, voxel: Sequence[flo
         "image_shape": _x(report.shape[-3:]),
         "voxel_size_um": _x([float(v) for v in voxel]) if voxel else "unknown",
         "threshold": params.threshold if params.threshold is not None else defaults.threshold,
-        "threshold_used": report.threshold,  # lower on a zoomed-up model grid (engine.scale.ScalePlan.model_grid_postprocess)
+        "threshold_used": report.threshold,  # lower on a zoomed-up model grid (engine.scale.ScalePlan.postprocess)
         "min_dist": params.min_dist if params.min_dist is not None else defaults.min_dist,
         "label_threshd": params.label_threshd if params.label_threshd is not None else defaults.label_threshd,
         "timings": {**{k: round(v, 3) for k, v in timings.items()}, "total": round(sum(timings.values()), 3)},

@@ -61,11 +61,11 @@ def test_voxel_size_and_diameter_give_the_zoom_directly() -> None:
 ])
 def test_model_grid_threshold_drops_with_the_upsampling(zoom, given, used) -> None:  # noqa: ANN001
     spec = PostprocessSpec(threshold=given, min_dist=6, label_threshd=50, threshold_per_upsampling=0.1)
-    out = ScalePlan(zoom, (0.0, 0.0, 0.0), "test").model_grid_postprocess(spec)
+    out = ScalePlan(zoom, (0.0, 0.0, 0.0), "test").postprocess(spec, on_model_grid=True)
     assert out.threshold == pytest.approx(used)
     assert (out.min_dist, out.label_threshd) == (6, 50)  # counts stay in model voxels
     plain = PostprocessSpec(threshold=given)
-    assert ScalePlan(zoom, (0.0, 0.0, 0.0), "test").model_grid_postprocess(plain) == plain  # 0 per zoom: as given
+    assert ScalePlan(zoom, (0.0, 0.0, 0.0), "test").postprocess(plain, on_model_grid=True) == plain  # 0 per zoom: as given
 
 
 def test_large_cells_are_zoomed_to_the_top_of_the_range() -> None:
