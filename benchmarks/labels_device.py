@@ -9,8 +9,10 @@ boundary probability map (walls 0.9, inside 0.05, Gaussian blur 0.8, noise 0.03)
 boundary model's interior. Each step runs on the same input both ways, best of 3 (the device synchronised),
 and its outputs are compared (exact; the face sums to rtol 1e-12): interior components (cc3d vs
 ``connected_components``), the bounded distance (bound 16), the seed peaks (min_dist 4), the steepest
-descent from the resolved seeds, and the face table of the final labels. The copies a GPU run saves or
-pays are timed too: the float32 probabilities to the host, the int32 labels back.
+descent from the resolved seeds, the face table of the final labels, and a whole labelling window (seeds,
+markers, flood, background: ``engine.labels.window``'s ``HostWindow`` against ``DeviceWindow``, the path a
+GPU run takes). The copies a GPU run saves or pays are timed too: the float32 probabilities to the host,
+the int32 labels back.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from engine.labels import device as dev
 from engine.labels.distance import bounded_distance
 from engine.labels.flood import descend, resolve_components
 from engine.labels.seeds import path_maximum, seed_radius
+from engine.labels.window import DeviceWindow, HostWindow
 from engine.synthetic import boundary_probability
 from engine.tissue import TissueSettings, make_tissue_volume
 
@@ -89,6 +92,13 @@ def _face_table(labels: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, ...]:
     return table.u, table.v, table.sums, table.counts
 
 
+def _window(make: Callable[[], HostWindow | DeviceWindow]) -> np.ndarray:
+    """One labelling window from start to labels, as the slab labeller runs it (no seeds from elsewhere)."""
+    window = make()
+    window.place(window.peaks(MIN_DIST))
+    return window.flood(boundary=True, open_background=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.labels_device", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="torch device for the torch steps. Default: %(default)s")
@@ -101,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     host = _host_inputs(boundary_map(shape))  # type: ignore[arg-type]
     t_up, on = _best(lambda: {k: torch.from_numpy(v).to(device) for k, v in host.items()}, sync)
     radius = seed_radius(MIN_DIST, None)
+    threads = os.cpu_count() or 1
     steps: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = [
         ("interior components", lambda: cc3d.connected_components(host["mask"], connectivity=6),
          lambda: dev.connected_components(on["mask"])),
@@ -110,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
          lambda: dev.peaks(on["distance"], on["mask"], radius=radius)),
         ("steepest descent", lambda: descend(host["p"], host["resolved"]), lambda: dev.descend(on["p"], on["resolved"])),
         ("face table", lambda: _face_table(host["labels"], host["p"]), lambda: dev.faces(on["labels"], on["p"])),
+        ("whole window (from the float map)",
+         lambda: _window(lambda: HostWindow.compute(host["p"], kind="boundary", threshold=0.8, sampling=None, threads=threads)),
+         lambda: _window(lambda: DeviceWindow(host["p"], kind="boundary", threshold=0.8, sampling=None, threads=threads, device=device))),
     ]
     mvox = int(np.prod(shape)) / 1e6
     rows = []

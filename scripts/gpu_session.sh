@@ -29,9 +29,12 @@ B=$!
 
 {
   echo "== CUDA equality of the torch labelling steps"
-  timeout 150 $PY -m pytest -q -p no:cacheprovider -rA tests/engine/test_labels_device.py -k cuda 2>&1 | tail -5
+  timeout 150 $PY -m pytest -q -p no:cacheprovider -rA tests/engine/test_labels_device.py tests/engine/test_labels.py -k cuda 2>&1 | tail -5
   echo "== device labelling benchmark"
   timeout 200 $PY -m benchmarks.labels_device --device cuda --shape 64,512,512 --json "$OUT/labels_device.json" 2>&1
+  echo "== labelling on the GPU end to end (the window's array steps there since the device window; F1 in the summary)"
+  $PY -m engine.cli sample "$WORK/big.tif" --shape 128,512,512 --seed 5 > /dev/null 2>&1
+  timeout 120 $PY -m engine.cli segment "$WORK/big.tif" -o "$WORK/big_labels.tif" --backend torch-cuda --report "$OUT/big_report.json" --no-progress 2>&1 | tail -1
   echo "== --tta cost on the GPU (torch-cuda, a 128x512x512 sample; the summary lines give the times)"
   $PY -m engine.cli sample "$WORK/tta.tif" --shape 128,512,512 --seed 5 > /dev/null 2>&1
   for flag in "" --tta; do

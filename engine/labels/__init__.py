@@ -2,14 +2,16 @@
 
 The steps, one module each: :mod:`.distance` (distance transform of the thresholded interior, background
 clearing), :mod:`.seeds` (distance maxima at least ``min_dist`` apart within a cell), :mod:`.flood` (the
-seeded watershed), :mod:`.graph` (region adjacency graph and average-linkage agglomeration), and
-:mod:`.slabs` (the slab labeller that runs them core by core, stitches ids across slab borders and keeps
+seeded watershed), :mod:`.graph` (region adjacency graph and average-linkage agglomeration),
+:mod:`.window` (one window's seeded watershed, on the host or on the network's device), and
+:mod:`.slabs` (the slab labeller that runs windows core by core, stitches ids across slab borders and keeps
 provisional labels in :mod:`.stores`, joining ids with :mod:`.union_find`;
 :func:`label_cells` is its one-core case, as ``sliding_window`` is the one-group case of the slab
 inference). Field libraries do the heavy array work where they measured faster: seung-lab's ``edt``
 (anisotropic distance transforms), ``cc3d`` (connected components). :mod:`.device` has the array steps
 as torch ops for the device that ran the network, equal to these on the CPU; the flood's steepest descent
-runs through it everywhere (faster than numpy on a CPU too), the region graph's faces on a GPU.
+runs through it everywhere (faster than numpy on a CPU too), a whole window and the region graph's faces
+on a GPU.
 """
 
 from __future__ import annotations

@@ -17,7 +17,10 @@ import edt
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["BACKGROUND_MARGIN", "BACKGROUND_MIN_VOLUME", "BACKGROUND_WIDTH", "available_cores", "bounded_distance", "clear_background", "distance_transform"]
+__all__ = [
+    "BACKGROUND_MARGIN", "BACKGROUND_MIN_VOLUME", "BACKGROUND_WIDTH", "EDT_BOUNDS", "available_cores", "bounded_distance",
+    "clear_background", "distance_transform", "edt_distance", "is_unit",
+]
 
 EDT_BOUNDS = (8, 16)  # isotropic distance transform by bounded shifts first (exact when within the bound)
 BACKGROUND_WIDTH = 4  # model voxels: wider than any membrane; farther from every cell interior is background
@@ -69,11 +72,21 @@ def bounded_distance(mask: NDArray[np.bool_], bound: int) -> NDArray[np.float32]
 def distance_transform(mask: NDArray[np.bool_], /, *, sampling: Sequence[float] | None, threads: int) -> NDArray[np.float32]:
     """Euclidean distance of each ``mask`` voxel to the nearest non-mask voxel, ``sampling`` units per voxel
     along ``(z, y, x)`` (voxels when None); the volume's edges are not background."""
-    if sampling is None or all(float(s) == 1.0 for s in sampling):
+    if is_unit(sampling):
         for bound in EDT_BOUNDS:
             distance = bounded_distance(mask, bound)
             if distance is not None:
                 return distance
+    return edt_distance(mask, sampling=sampling, threads=threads)
+
+
+def is_unit(sampling: Sequence[float] | None, /) -> bool:
+    """True for isotropic unit voxels (``sampling`` None or all 1): the case bounded shifts handle."""
+    return sampling is None or all(float(s) == 1.0 for s in sampling)
+
+
+def edt_distance(mask: NDArray[np.bool_], /, *, sampling: Sequence[float] | None, threads: int) -> NDArray[np.float32]:
+    """:func:`distance_transform` by seung-lab's ``edt`` (any sampling, any distance)."""
     anisotropy = tuple(float(s) for s in sampling) if sampling is not None else (1.0, 1.0, 1.0)
     return edt.edt(np.ascontiguousarray(mask), anisotropy=anisotropy, black_border=False, parallel=max(1, threads))
 
@@ -100,7 +113,7 @@ def clear_background(
     dim cells: up to ~10k voxels on the large-cell stress volume, whose adapted Rand error rose 0.055 -> 0.094).
     ``open_wide=False``: only the far voxels, wide regions too.
     """
-    unit = sampling is None or all(float(s) == 1.0 for s in sampling)
+    unit = is_unit(sampling)
     far = _beyond(~interior, BACKGROUND_WIDTH, sampling=sampling, unit=unit, threads=threads)
     labels[far] = 0
     voxel = 1.0 if unit else float(np.prod([float(s) for s in sampling]))  # type: ignore[union-attr]

@@ -26,7 +26,7 @@ from skimage.segmentation import watershed
 from .device import descend as torch_descend
 from .device import run_on
 
-__all__ = ["descend", "fill", "flood", "resolve_components"]
+__all__ = ["box_of", "descend", "fill", "flood", "flood_plateaus", "resolve_components", "seat_components", "split_shared"]
 
 TIE_BREAK = 1e-9  # rim order among equal boundary probabilities (float32 steps at membrane levels are >= 3e-8)
 
@@ -41,22 +41,42 @@ def resolve_components(
     outside changes the split). Components without a seed, and everything outside the components, stay 0.
     """
     at = markers > 0
-    comp_of_seed = np.zeros(int(markers.max()) + 1, dtype=np.int64)
-    comp_of_seed[markers[at]] = components[at]
-    n_comp = int(components.max())
-    per_comp = np.bincount(comp_of_seed[1:], minlength=n_comp + 1)
-    region_of_comp = np.zeros(n_comp + 1, dtype=np.int32)
-    single = per_comp[comp_of_seed[1:]] == 1
-    region_of_comp[comp_of_seed[1:][single]] = np.arange(1, len(comp_of_seed), dtype=np.int32)[single]
+    region_of_comp, shared = seat_components(markers[at], components[at], int(components.max()))
     resolved = region_of_comp[components]
-    shared = per_comp > 1
-    shared[0] = False
     if shared.any():
         inside = shared[components]
-        box = ndimage.find_objects(inside.astype(np.uint8))[0]
-        split = watershed(image[box], np.where(inside[box], markers[box], 0), mask=inside[box])
-        resolved[box] = np.where(inside[box], split, resolved[box])
+        box = box_of(inside)
+        resolved[box] = split_shared(image[box], markers[box], inside[box], resolved[box])
     return resolved
+
+
+def seat_components(
+    seed_markers: NDArray[np.integer], seed_components: NDArray[np.integer], n_components: int, /
+) -> tuple[NDArray[np.int32], NDArray[np.bool_]]:
+    """From each seed voxel's marker and interior component: the marker that labels each component outright
+    (0 when it has none or several) and which components several markers share (to split by a flood)."""
+    comp_of_seed = np.zeros(int(seed_markers.max(initial=0)) + 1, dtype=np.int64)
+    comp_of_seed[seed_markers] = seed_components
+    per_comp = np.bincount(comp_of_seed[1:], minlength=n_components + 1)
+    region_of_comp = np.zeros(n_components + 1, dtype=np.int32)
+    single = per_comp[comp_of_seed[1:]] == 1
+    region_of_comp[comp_of_seed[1:][single]] = np.arange(1, len(comp_of_seed), dtype=np.int32)[single]
+    shared = per_comp > 1
+    shared[0] = False
+    return region_of_comp, shared
+
+
+def box_of(mask: NDArray[np.bool_], /, *, margin: int = 0) -> tuple[slice, ...]:
+    """The bounding box of ``mask``'s voxels, grown by ``margin`` within the volume (``mask`` has some)."""
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin)) for s, n in zip(box, mask.shape))
+
+
+def split_shared(image: np.ndarray, markers: NDArray[np.int32], inside: NDArray[np.bool_], resolved: NDArray[np.int32]) -> NDArray[np.int32]:
+    """``resolved`` with the components ``inside`` marks split among their ``markers`` by a flood of ``image``
+    confined to them (a box of the window: the flood never leaves ``inside``)."""
+    split = watershed(image, np.where(inside, markers, 0), mask=inside)
+    return np.where(inside, split, resolved).astype(np.int32, copy=False)
 
 
 def descend(image: np.ndarray, labels: NDArray[np.int32]) -> tuple[NDArray[np.int32], np.ndarray]:
@@ -146,19 +166,30 @@ def fill(image: np.ndarray, resolved: NDArray[np.int32], /, *, device: torch.dev
     if not (resolved == 0).any():
         return resolved
     descended, reached = run_on(device, torch_descend, image, resolved)
+    return flood_plateaus(image, resolved, descended, reached)
+
+
+def flood_plateaus(image: np.ndarray, resolved: NDArray[np.int32], descended: NDArray[np.int32], reached: np.ndarray) -> NDArray[np.int32]:
+    """``descended`` (:func:`descend`'s labels) with the voxels it left 0 (plateaus, pits) flooded from their
+    labelled rim, in the box around them (the flood stays inside them and their rim)."""
     rest = descended == 0
     if not rest.any():
         return descended
+    box = box_of(rest, margin=1)
+    descended = descended.copy()
+    descended[box] = _flood_rest(image[box], resolved[box], descended[box], reached[box])
+    return descended
+
+
+def _flood_rest(image: np.ndarray, resolved: NDArray[np.int32], descended: NDArray[np.int32], reached: np.ndarray) -> NDArray[np.int32]:
+    rest = descended == 0
     # The rest (plateaus, pits) is flooded from its labelled rim. A rim voxel goes before unlabelled voxels
     # of its own value, and among rim voxels of equal value, those the full flood reached earlier (from a
     # lower neighbour) go first, as they were queued first there: a tie-break of 1-2e-9, far below the
     # gap between distinct float32 probabilities at membrane levels.
     rim = _rim(rest)
     late = rim & (resolved == 0)
-    reached_late = reached[late]
-    del reached
     priority = image.astype(np.float64)
-    priority[late] -= TIE_BREAK * (2.0 - reached_late)
+    priority[late] -= TIE_BREAK * (2.0 - reached[late])
     flooded = watershed(priority, np.where(rim, descended, 0), mask=rest | rim)
-    del priority
     return np.where(rest, flooded, descended).astype(np.int32, copy=False)

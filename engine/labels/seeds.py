@@ -20,7 +20,7 @@ from scipy.spatial import cKDTree
 
 from ..bundle import OutputSpec
 
-__all__ = ["find_seeds", "interior_of", "interior_probability", "path_maximum", "seed_radius"]
+__all__ = ["find_seeds", "interior_of", "interior_probability", "path_maximum", "seed_radius", "seeds_from_peaks"]
 
 
 def interior_probability(probs: NDArray[np.float32], output: OutputSpec, /) -> NDArray[np.float32]:
@@ -112,11 +112,20 @@ def find_seeds(
         return np.empty((0, 3), dtype=np.intp)
     key = _order_key(distance, sampling)
     peak = mask & (key >= path_maximum(key, mask, seed_radius(min_dist, sampling)))
-    points = np.argwhere(peak)
     piece = cc3d.connected_components(peak, connectivity=6)[peak]  # face pieces lie within one component
+    return seeds_from_peaks(np.argwhere(peak), piece, distance[peak], components[peak], min_dist=min_dist, sampling=sampling)
+
+
+def seeds_from_peaks(
+    points: NDArray[np.integer], piece: NDArray[np.integer], strength: NDArray[np.floating], component: NDArray[np.integer],
+    /, *, min_dist: int, sampling: Sequence[float] | None,
+) -> NDArray[np.intp]:
+    """The seeds of :func:`find_seeds` from its peak voxels: ``points`` ``(n, 3)`` in scan order, with the
+    number of the face-connected piece each lies in, its distance and its interior component (what a device
+    hands back instead of volumes)."""
     _, first = np.unique(piece, return_index=True)
-    order = np.lexsort((first, -distance[peak][first]))  # pieces strongest first, ties in scan order
-    heads = points[first[order]]
+    order = np.lexsort((first, -strength[first]))  # pieces strongest first, ties in scan order
+    heads = np.asarray(points, dtype=np.intp)[first[order]]
     scale = np.asarray(sampling or (1.0, 1.0, 1.0), dtype=np.float64)
-    keep = _thin(heads, components[tuple(heads.T)], float(min_dist), scale) if min_dist > 1 else np.ones(len(heads), bool)
+    keep = _thin(heads, component[first[order]], float(min_dist), scale) if min_dist > 1 else np.ones(len(heads), bool)
     return heads[keep]

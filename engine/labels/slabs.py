@@ -32,7 +32,7 @@ Exactness, method by method:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cc3d
@@ -42,12 +42,12 @@ from numpy.typing import NDArray
 
 from ..bundle import OutputSpec, PostprocessSpec
 from .device import faces, run_on
-from .distance import available_cores, clear_background, distance_transform
-from .flood import fill, flood, resolve_components
+from .distance import available_cores
 from .graph import EdgeTable, agglomerate
-from .seeds import find_seeds, interior_of
+from .seeds import interior_of
 from .stores import FileLabelStore, MemoryLabelStore
 from .union_find import UnionFind
+from .window import open_window
 
 __all__ = ["FileLabelStore", "FinalLabels", "MemoryLabelStore", "SlabLabeler", "label_cells"]
 
@@ -109,8 +109,8 @@ class SlabLabeler:
             it (None: whole planes), so a window's size stays bounded however wide the planes are.
         store: where the provisional labels of finished cores go (``write(z0, core)``).
         threads: threads for the distance transform and flood inside a window (None: every core).
-        device: the backend's device (None: the CPU); on a GPU the flood's steepest descent and the region
-            graph's faces run there, the rest of the labelling on the host.
+        device: the backend's device (None: the CPU); on a GPU each window's array steps
+            (:class:`.window.DeviceWindow`) and the region graph's faces run there.
         open_background: clear the opening of wide background regions (:func:`.distance.clear_background`);
             False: only their far voxels (a raw membrane image used as the boundary map, where wide
             not-interior regions are bright membranes rather than background).
@@ -249,34 +249,19 @@ class SlabLabeler:
         """Label one block from its window: seeds in blocks done before are the registered ones (one
         window over the whole volume: ``label_cells`` exactly); seeds found elsewhere get ids now and are
         confirmed, or counted as orphans, when their own block is labelled."""
-        threads = self.threads or available_cores()
-        mask = self._mask(image)
-        distance = distance_transform(mask, sampling=self.sampling, threads=threads)
-        components = cc3d.connected_components(mask, connectivity=6).astype(np.int32, copy=False)
-        peaks = find_seeds(distance, components, min_dist=max(1, int(self.spec.min_dist)), sampling=self.sampling)
+        window, peaks = open_window(image, kind=self.output.kind, threshold=self.spec.threshold, sampling=self.sampling,
+                                    threads=self.threads or available_cores(), device=self.device,
+                                    min_dist=max(1, int(self.spec.min_dist)))
         peaks = peaks[~block.done(peaks + block.origin)]  # where blocks are done, their registered seeds stand
         inside = block.in_window(self._registry[:3].T, image.shape)
         registry = self._registry[:, inside]
         local = registry[:3].T - block.origin
-        seeds = np.zeros(mask.shape, dtype=bool)
-        seeds[tuple(peaks.T)] = True
-        seeds[tuple(local.T)] = True
-        markers = cc3d.connected_components(seeds, connectivity=6).astype(np.int32, copy=False)
-        lut = self._marker_ids(markers, int(markers.max()), registry[3], markers[tuple(local.T)])
-        self._link_pending(markers, lut, block)
-        at = np.argwhere(seeds)
-        ids = lut[markers[tuple(at.T)]]
-        del seeds
-        if self.output.kind == "boundary":  # each array goes as soon as it is done with: the window's peak
-            del distance
-            resolved = resolve_components(image, markers, components)
-            del markers, components
-            flooded = fill(image, resolved, device=self.device)
-            del resolved
-            clear_background(flooded, mask, sampling=self.sampling, threads=threads, open_wide=self.open_background)
-        else:
-            flooded = flood(-distance, markers, components, confined=True)
-            del distance, markers, components
+        at = window.place(np.concatenate([peaks, local]))
+        lut = self._marker_ids(window.n_markers, registry[3], window.markers_at(local))
+        self._link_pending(window.markers_at, lut, block)
+        ids = lut[window.markers_at(at)]
+        flooded = window.flood(boundary=self.output.kind == "boundary", open_background=self.open_background)
+        del window
         in_block = flooded[block.local()]
         labels = lut.astype(np.uint32)[in_block]
         at += block.origin
@@ -313,7 +298,7 @@ class SlabLabeler:
             pairs = np.array(merges, dtype=np.int64)
             self.ids.union(pairs[:, 0], pairs[:, 1])
 
-    def _marker_ids(self, markers: NDArray[np.int32], n: int, registered: NDArray[np.int64], at: NDArray[np.int32]) -> NDArray[np.int64]:
+    def _marker_ids(self, n: int, registered: NDArray[np.int64], at: NDArray[np.int32]) -> NDArray[np.int64]:
         """Global id of each window marker: the registered id it contains (``registered[i]`` lies in marker
         ``at[i]``), else a new one (in marker order)."""
         lut = np.zeros(n + 1, dtype=np.int64)
@@ -324,13 +309,13 @@ class SlabLabeler:
         lut[fresh] = self.ids.add(len(fresh))
         return lut
 
-    def _link_pending(self, markers: NDArray[np.int32], lut: NDArray[np.int64], block: _Block) -> None:
+    def _link_pending(self, markers_at: Callable[[NDArray[np.int64]], NDArray[np.int32]], lut: NDArray[np.int64], block: _Block) -> None:
         """Join the seeds earlier windows saw in this block with the markers found here."""
         here = block.contains(self._pending[:3].T)
         pending, self._pending = self._pending[:, here], self._pending[:, ~here]
         if not pending.shape[1]:
             return
-        local = markers[tuple((pending[:3].T - block.origin).T)]
+        local = markers_at(pending[:3].T - block.origin)
         hit = local > 0
         self.ids.union(pending[3][hit], lut[local[hit]])
         self.orphan_seeds += len(np.setdiff1d(np.unique(pending[3]), pending[3][hit]))

@@ -124,26 +124,50 @@ def test_descent_follows_the_slope_and_leaves_plateaus() -> None:
 
 
 def test_labelling_on_a_device_out_of_memory_equals_the_host_labelling(monkeypatch, caplog) -> None:
-    """With a device, the flood's descent and the region graph's faces go there; one that runs out of memory
-    (the meta device, made to) hands both to the CPU's torch steps: the labels equal the host labelling's."""
+    """With a device, each window's array steps and the region graph's faces go there; one that runs out of
+    memory (the meta device, made to) hands the window to the host and the faces to the CPU's torch steps:
+    the labels equal the host labelling's."""
     probs = _membrane_probs((40, 64, 64))
     spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=3, label_threshd=5, merge_threshold=0.5)
     want = label_cells(probs, output=BOUNDARY, spec=spec)
     slabs_module = importlib.import_module("engine.labels.slabs")
+    device_module = importlib.import_module("engine.labels.device")
 
     def off_the_cpu_out_of_memory(step):  # noqa: ANN001, ANN202
-        def run(*tensors: torch.Tensor):  # noqa: ANN202
+        def run(*tensors: torch.Tensor, **kwargs):  # noqa: ANN003, ANN202
             if tensors[0].device.type != "cpu":
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
-            return step(*tensors)
+            return step(*tensors, **kwargs)
         run.__name__ = step.__name__
         return run
 
-    monkeypatch.setattr(flood_module, "torch_descend", off_the_cpu_out_of_memory(flood_module.torch_descend))
+    monkeypatch.setattr(device_module, "bounded_distance", off_the_cpu_out_of_memory(device_module.bounded_distance))
     monkeypatch.setattr(slabs_module, "faces", off_the_cpu_out_of_memory(slabs_module.faces))
     got = label_cells(probs, output=BOUNDARY, spec=spec, device=torch.device("meta"))
     assert want.max() > 20 and np.array_equal(got, want)
-    assert "out of memory for descend" in caplog.text and "out of memory for faces" in caplog.text
+    assert "labelling it on the host" in caplog.text and "out of memory for faces" in caplog.text
+
+
+def test_flood_descent_on_a_device_out_of_memory_runs_on_the_cpu(monkeypatch, caplog) -> None:
+    """``flood`` with a device whose descent runs out of memory: the CPU's descent, the same labels."""
+    probs = _membrane_probs((40, 64, 64))[0]
+    mask = probs < 0.5
+    components = ndimage.label(mask)[0].astype(np.int32)
+    seeds = find_seeds(distance_transform(mask, sampling=None, threads=1), components, min_dist=3, sampling=None)
+    markers = np.zeros(mask.shape, np.int32)
+    markers[tuple(seeds.T)] = np.arange(1, len(seeds) + 1)
+    want = flood(probs, markers, components, confined=False)
+
+    def descend_out_of_memory(image: torch.Tensor, labels: torch.Tensor):  # noqa: ANN202
+        if image.device.type != "cpu":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return torch_descend(image, labels)
+
+    torch_descend = flood_module.torch_descend
+    descend_out_of_memory.__name__ = "descend"
+    monkeypatch.setattr(flood_module, "torch_descend", descend_out_of_memory)
+    got = flood(probs, markers, components, confined=False, device=torch.device("meta"))
+    assert len(seeds) > 20 and np.array_equal(got, want) and "out of memory for descend" in caplog.text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this host")

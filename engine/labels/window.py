@@ -1,0 +1,209 @@
+"""The seeded watershed of one labelling window, its volume steps on the host or on the network's device.
+
+:class:`SlabLabeler <engine.labels.slabs.SlabLabeler>` decides which seeds a window floods from (its own
+distance maxima outside the blocks labelled before, and the registered seeds of those blocks); a window
+does the voxel work around that choice: interior mask, distance transform, components, maxima, markers,
+the flood and the background. :class:`HostWindow` runs it with numpy, cc3d, edt and skimage;
+:class:`DeviceWindow` runs the array steps as torch ops (:mod:`engine.labels.device`) where the network
+ran, and gives the same labels (the tests compare them on the CPU). What a device hands back is labels,
+seed points and boxes of integer ids; the host keeps what has no array form: the flood splitting the
+interior components that hold several seeds and the flood of plateaus, each in the box around them (on
+the default model's output 14% and 0.3% of a window's voxels), the thinning of seeds, and the background
+clearing (on the labels and mask). The float window goes to the device once; no float volume comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import cc3d
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from . import device as dev
+from .distance import EDT_BOUNDS, clear_background, distance_transform, edt_distance, is_unit
+from .flood import fill, flood_plateaus, resolve_components, seat_components, split_shared
+from .seeds import find_seeds, interior_of, seed_radius, seeds_from_peaks
+
+__all__ = ["DeviceWindow", "HostWindow", "open_window"]
+
+logger = logging.getLogger(__name__)
+Box = tuple[slice, ...]
+
+
+class HostWindow:
+    """A window's arrays on the host: ``image`` (what the flood floods), the interior ``mask``, its
+    ``distance`` transform and ``components``; :meth:`place` adds the seed ``markers``."""
+
+    def __init__(self, image: NDArray[np.float32], mask: NDArray[np.bool_], distance: NDArray[np.float32],
+                 components: NDArray[np.int32], /, *, sampling: Sequence[float] | None, threads: int) -> None:
+        self.image, self.mask, self.distance, self.components = image, mask, distance, components
+        self.sampling, self.threads = sampling, threads
+        self.markers: NDArray[np.int32] | None = None  # set by place()
+        self.n_markers = 0
+
+    @classmethod
+    def compute(cls, image: NDArray[np.float32], /, *, kind: str, threshold: float, sampling: Sequence[float] | None,
+                threads: int) -> HostWindow:
+        """Interior, distances and components of the probability window ``image``."""
+        mask = interior_of(image, kind) > threshold
+        distance = distance_transform(mask, sampling=sampling, threads=threads)
+        components = cc3d.connected_components(mask, connectivity=6).astype(np.int32, copy=False)
+        return cls(image, mask, distance, components, sampling=sampling, threads=threads)
+
+    def peaks(self, min_dist: int) -> NDArray[np.intp]:
+        """The window's own seed candidates (:func:`engine.labels.seeds.find_seeds`), strongest first."""
+        return find_seeds(self.distance, self.components, min_dist=min_dist, sampling=self.sampling)
+
+    def place(self, points: NDArray[np.integer], /) -> NDArray[np.intp]:
+        """Seed ``points`` (touching ones make one marker); returns the seed voxels in scan order."""
+        seeds = np.zeros(self.mask.shape, dtype=bool)
+        seeds[tuple(np.asarray(points).T)] = True
+        self.markers = cc3d.connected_components(seeds, connectivity=6).astype(np.int32, copy=False)
+        self.n_markers = int(self.markers.max(initial=0))
+        return np.argwhere(seeds)
+
+    def markers_at(self, points: NDArray[np.integer], /) -> NDArray[np.int32]:
+        """The marker at each of ``points`` ``(n, 3)`` (after :meth:`place`)."""
+        assert self.markers is not None, "place() the seeds first"
+        return self.markers[tuple(np.asarray(points).reshape(-1, 3).T)]
+
+    def flood(self, *, boundary: bool, open_background: bool) -> NDArray[np.int32]:
+        """The flooded window (after :meth:`place`): boundary models fill every voxel then lose the
+        background; foreground models flood the negated distance inside the interior. Drops the window's
+        arrays as it goes (the window's peak memory)."""
+        assert self.markers is not None, "place() the seeds first"
+        image, markers, components = self.image if boundary else -self.distance, self.markers, self.components
+        del self.distance, self.markers, self.components  # each array goes as soon as it is done with: the peak
+        resolved = resolve_components(image, markers, components)
+        del markers, components, image
+        if not boundary:
+            return resolved
+        flooded = fill(self.image, resolved)
+        del resolved
+        clear_background(flooded, self.mask, sampling=self.sampling, threads=self.threads, open_wide=open_background)
+        return flooded
+
+
+class DeviceWindow:
+    """The same window with its volumes as tensors on ``device`` (see the module docstring)."""
+
+    def __init__(self, image: NDArray[np.float32], /, *, kind: str, threshold: float, sampling: Sequence[float] | None,
+                 threads: int, device: torch.device) -> None:
+        self.image, self.sampling, self.threads, self.device = image, sampling, threads, device
+        self.image_t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+        interior = (1.0 - self.image_t) if kind == "boundary" else self.image_t
+        self.mask_t = interior > threshold
+        del interior
+        self.distance_t = self._distance(self.mask_t)
+        self.components_t = dev.connected_components(self.mask_t)
+        self.n_components = int(self.components_t.max()) if self.components_t.numel() else 0
+        self.markers_t = torch.zeros(0, dtype=torch.int32, device=device)  # set by place()
+        self.n_markers = 0
+
+    def _distance(self, mask: torch.Tensor) -> torch.Tensor:
+        if is_unit(self.sampling):
+            for bound in EDT_BOUNDS:
+                distance = dev.bounded_distance(mask, bound=bound)
+                if distance is not None:
+                    return distance
+        host = edt_distance(mask.cpu().numpy(), sampling=self.sampling, threads=self.threads)  # farther or anisotropic
+        return torch.from_numpy(host).to(self.device)
+
+    def peaks(self, min_dist: int) -> NDArray[np.intp]:
+        """As :meth:`HostWindow.peaks`: the maxima on the device, their points ordered and thinned on the host."""
+        if not self.n_components:
+            return np.empty((0, 3), dtype=np.intp)
+        peak = dev.peaks(self.distance_t, self.mask_t, radius=seed_radius(min_dist, self.sampling))
+        piece = dev.connected_components(peak)[peak]
+        points, strength, component = torch.nonzero(peak), self.distance_t[peak], self.components_t[peak]
+        return seeds_from_peaks(*(t.cpu().numpy() for t in (points, piece, strength, component)), min_dist=min_dist,
+                                sampling=self.sampling)
+
+    def place(self, points: NDArray[np.integer], /) -> NDArray[np.intp]:
+        seeds = torch.zeros(self.mask_t.shape, dtype=torch.bool, device=self.device)
+        if len(points):
+            seeds[tuple(torch.from_numpy(np.asarray(points, dtype=np.int64).T).to(self.device))] = True
+        self.markers_t = dev.connected_components(seeds)
+        self.n_markers = int(self.markers_t.max()) if self.markers_t.numel() else 0
+        return torch.nonzero(seeds).cpu().numpy().astype(np.intp, copy=False)
+
+    def markers_at(self, points: NDArray[np.integer], /) -> NDArray[np.int32]:
+        """The marker at each of ``points`` ``(n, 3)`` (after :meth:`place`)."""
+        index = torch.from_numpy(np.asarray(points, dtype=np.int64).reshape(-1, 3).T).to(self.device)
+        return self.markers_t[tuple(index)].cpu().numpy()
+
+    def to_host(self) -> HostWindow:
+        """The window's state on the host (a device out of memory finishes it there)."""
+        host = HostWindow(self.image, self.mask_t.cpu().numpy(), self.distance_t.cpu().numpy(),
+                          self.components_t.cpu().numpy(), sampling=self.sampling, threads=self.threads)
+        host.markers, host.n_markers = self.markers_t.cpu().numpy(), self.n_markers
+        return host
+
+    def flood(self, *, boundary: bool, open_background: bool) -> NDArray[np.int32]:
+        """As :meth:`HostWindow.flood`, the array steps on the device (on the host if it runs out of memory)."""
+        try:
+            return self._flood(boundary=boundary, open_background=open_background)
+        except torch.cuda.OutOfMemoryError:
+            logger.warning("labelling: %s out of memory for a %s window; flooding it on the host", self.device,
+                           "x".join(map(str, self.image.shape)))
+            return self.to_host().flood(boundary=boundary, open_background=open_background)
+
+    def _flood(self, *, boundary: bool, open_background: bool) -> NDArray[np.int32]:
+        if boundary:
+            resolved = self._resolve(lambda box: self.image[box])
+        else:
+            return self._resolve(lambda box: (-self.distance_t[box]).cpu().numpy()).cpu().numpy()
+        if bool((resolved == 0).any()):
+            descended, reached = dev.descend(self.image_t, resolved)
+            rest = descended == 0
+            if bool(rest.any()):
+                box = _box(rest, margin=1)
+                parts = (t[box].cpu().numpy() for t in (resolved, descended, reached))
+                descended[box] = torch.from_numpy(flood_plateaus(self.image[box], *parts)).to(self.device)
+            resolved = descended
+        flooded = resolved.cpu().numpy()
+        clear_background(flooded, self.mask_t.cpu().numpy(), sampling=self.sampling, threads=self.threads,
+                         open_wide=open_background)
+        return flooded
+
+    def _resolve(self, image_box: Callable[[Box], np.ndarray]) -> torch.Tensor:
+        """:func:`engine.labels.flood.resolve_components` with the components' lookups on the device and the
+        split of shared components on the host, in their box (``image_box`` gives what to flood there)."""
+        at = self.markers_t > 0
+        region_of_comp, shared = seat_components(self.markers_t[at].cpu().numpy(), self.components_t[at].cpu().numpy(),
+                                                 self.n_components)
+        components = self.components_t.long()
+        resolved = torch.from_numpy(region_of_comp).to(self.device)[components]
+        if shared.any():
+            inside = torch.from_numpy(shared).to(self.device)[components]
+            box = _box(inside)
+            parts = (t[box].cpu().numpy() for t in (self.markers_t, inside, resolved))
+            resolved[box] = torch.from_numpy(split_shared(image_box(box), *parts)).to(self.device)
+        return resolved
+
+
+def _box(mask: torch.Tensor, /, *, margin: int = 0) -> Box:
+    """:func:`engine.labels.flood.box_of` of a tensor with some voxels set."""
+    box = []
+    for axis, n in enumerate(mask.shape):
+        hit = torch.nonzero(mask.any(dim=tuple(a for a in range(mask.ndim) if a != axis))).view(-1)
+        box.append(slice(max(0, int(hit[0]) - margin), min(n, int(hit[-1]) + 1 + margin)))
+    return tuple(box)
+
+
+def open_window(image: NDArray[np.float32], /, *, kind: str, threshold: float, sampling: Sequence[float] | None,
+                threads: int, device: torch.device | None, min_dist: int) -> tuple[HostWindow | DeviceWindow, NDArray[np.intp]]:
+    """The window and its own seed candidates: on ``device`` when it is not the CPU (there numpy measured
+    faster), on the host when it is, or when the device runs out of memory."""
+    if device is not None and device.type != "cpu":
+        try:
+            window = DeviceWindow(image, kind=kind, threshold=threshold, sampling=sampling, threads=threads, device=device)
+            return window, window.peaks(min_dist)
+        except torch.cuda.OutOfMemoryError:
+            logger.warning("labelling: %s out of memory for a %s window; labelling it on the host", device,
+                           "x".join(map(str, image.shape)))
+    window = HostWindow.compute(image, kind=kind, threshold=threshold, sampling=sampling, threads=threads)
+    return window, window.peaks(min_dist)

@@ -1,0 +1,107 @@
+"""A labelling window on the network's device equals the host window: the same seeds, markers and labels.
+
+``DeviceWindow`` is made on the CPU's torch here (the engine picks it only for a GPU; the CUDA run is
+``test_labels.py::test_labelling_on_cuda_equals_the_host_labelling``, skipped without one): boundary and foreground maps, anisotropic sampling (distances by edt on
+the host), saturated maps (plateaus flooded on the host), registered seed points, whole volumes and slabs
+in xy tiles through the slab labeller, and a device that runs out of memory mid-window.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from slab_helpers import membrane_probs, nuclei_probs
+
+from engine.bundle import OutputSpec, PostprocessSpec
+from engine.labels import MemoryLabelStore, SlabLabeler
+from engine.labels.window import DeviceWindow, HostWindow, open_window
+
+BOUNDARY = OutputSpec(kind="boundary", channel=0, names=("boundary",))
+FOREGROUND = OutputSpec(kind="foreground", channel=0, names=("foreground",))
+CPU = torch.device("cpu")
+slabs_module = importlib.import_module("engine.labels.slabs")
+window_module = importlib.import_module("engine.labels.window")
+
+
+def _windows(image: np.ndarray, kind: str, threshold: float, sampling, min_dist: int):  # noqa: ANN001, ANN202
+    host = HostWindow.compute(image, kind=kind, threshold=threshold, sampling=sampling, threads=1)
+    device = DeviceWindow(image, kind=kind, threshold=threshold, sampling=sampling, threads=1, device=CPU)
+    return (host, host.peaks(min_dist)), (device, device.peaks(min_dist))
+
+
+@pytest.mark.parametrize(
+    "probs, kind, sampling, min_dist",
+    [  # each case splits components that hold several seeds on the host; the saturated map has 6414 plateau voxels
+        (membrane_probs((40, 48, 52), seed=1), "boundary", None, 3),
+        (membrane_probs((40, 48, 52), seed=1, ties=True), "boundary", None, 3),
+        (membrane_probs((40, 48, 52), seed=4), "boundary", (2.0, 1.0, 1.0), 3),
+        (nuclei_probs((40, 48, 52), seed=2), "foreground", None, 1),
+    ],
+    ids=["membranes", "saturated", "anisotropic", "foreground"],
+)
+def test_device_window_equals_host_window(probs: np.ndarray, kind: str, sampling, min_dist: int) -> None:  # noqa: ANN001
+    image = probs[0]
+    (host, host_peaks), (device, device_peaks) = _windows(image, kind, 0.5, sampling, min_dist=min_dist)
+    assert len(host_peaks) > 10 and np.array_equal(device_peaks, host_peaks)
+    extra = np.array([[0, 0, 0], [5, 7, 9], [5, 7, 10]])  # registered seeds of blocks done before, two touching
+    points = np.concatenate([host_peaks, extra])
+    assert np.array_equal(device.place(points), host.place(points))
+    assert device.n_markers == host.n_markers and np.array_equal(device.markers_at(points), host.markers_at(points))
+    want = host.flood(boundary=kind == "boundary", open_background=True)
+    got = device.flood(boundary=kind == "boundary", open_background=True)
+    assert want.max() > 10 and got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_device_out_of_memory_mid_window_finishes_on_the_host(monkeypatch, caplog) -> None:  # noqa: ANN001
+    image = membrane_probs((40, 48, 52), seed=1)[0]
+    (host, peaks), (device, _) = _windows(image, "boundary", 0.5, None, min_dist=3)
+    host.place(peaks)
+    device.place(peaks)
+
+    def out_of_memory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(window_module.dev, "descend", out_of_memory)
+    got = device.flood(boundary=True, open_background=True)
+    assert np.array_equal(got, host.flood(boundary=True, open_background=True))
+    assert "flooding it on the host" in caplog.text
+
+
+def test_device_out_of_memory_at_the_start_labels_on_the_host(monkeypatch, caplog) -> None:  # noqa: ANN001
+    image = membrane_probs((40, 48, 52), seed=1)[0]
+
+    def out_of_memory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(window_module, "DeviceWindow", out_of_memory)
+    window, _ = open_window(image, kind="boundary", threshold=0.5, sampling=None, threads=1, device=torch.device("meta"),
+                            min_dist=3)
+    assert isinstance(window, HostWindow) and "labelling it on the host" in caplog.text
+
+
+def _device_on_cpu(image, *, kind, threshold, sampling, threads, device, min_dist):  # noqa: ANN001, ANN202
+    window = DeviceWindow(image, kind=kind, threshold=threshold, sampling=sampling, threads=threads, device=CPU)
+    return window, window.peaks(min_dist)
+
+
+@pytest.mark.parametrize("depth, halo, tile", [(60, 0, None), (16, 12, None), (20, 12, 24)])
+def test_slab_labeller_with_device_windows_equals_the_host(monkeypatch, depth: int, halo: int, tile) -> None:  # noqa: ANN001
+    """Whole volume, cores and cores in xy tiles: the registry of seeds across windows works the same."""
+    probs = membrane_probs((60, 48, 52), seed=1)
+    spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=3, label_threshd=5, merge_threshold=0.5)
+
+    def labels() -> np.ndarray:
+        store = MemoryLabelStore(probs.shape[1:])
+        labeler = SlabLabeler(probs.shape[1:], output=BOUNDARY, spec=spec, sampling=None, depth=depth, halo=halo,
+                              tile=tile, store=store, threads=1)
+        for z0 in range(0, probs.shape[1], 5):
+            labeler.push(z0, probs[:, z0 : z0 + 5])
+        return labeler.finish().lut[store.labels]
+
+    want = labels()
+    monkeypatch.setattr(slabs_module, "open_window", _device_on_cpu)
+    got = labels()
+    assert want.max() > 20 and np.array_equal(got, want)
