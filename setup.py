@@ -12,7 +12,7 @@ setup(
     # edt (distance transforms) and connected-components-3d (components): field libraries, measured faster than
     # scipy for the labelling (benchmarks/PERFORMANCE.md); manylinux wheels for Python 3.10-3.12
     install_requires=["numpy>=1.24", "scipy>=1.10", "scikit-image>=0.21", "tifffile>=2023.7", "torch>=2.1", "tqdm", "edt>=2.4",
-                      "connected-components-3d>=3.12"],
+                      "connected-components-3d>=3.12", "fastremap>=1.21"],
     extras_require={
         "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnxconverter-common>=1.14"],
         "bisque": ["bisque-api[lxml]==0.5.12.2"],

@@ -8,8 +8,8 @@
 #   - everything packed into OUT_DIR/results.tar.gz (checkpoints, bundles, logs) plus the logs beside it.
 #
 # Usage: scripts/gpu_session.sh [OUT_DIR] [TRAIN_SECONDS]   (default: gpu_out, 330)
-# Needs a CUDA torch, edt, cc3d and onnxconverter-common (the backend tests export; the lent H200 lacked all
-# three: carry them as wheels); nothing is installed here.
+# Needs a CUDA torch, edt, cc3d, fastremap and onnxconverter-common (the backend tests export; the lent H200 lacked all
+# of them: carry them as wheels); nothing is installed here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_out}

@@ -8,7 +8,7 @@ seeded watershed), :mod:`.graph` (region adjacency graph and average-linkage agg
 provisional labels in :mod:`.stores`, joining ids with :mod:`.union_find`;
 :func:`label_cells` is its one-core case, as ``sliding_window`` is the one-group case of the slab
 inference). Field libraries do the heavy array work where they measured faster: seung-lab's ``edt``
-(anisotropic distance transforms), ``cc3d`` (connected components). :mod:`.device` has the array steps
+(anisotropic distance transforms), ``cc3d`` (connected components), ``fastremap`` (final ids in place). :mod:`.device` has the array steps
 as torch ops for the device that ran the network, equal to these on the CPU; the flood's steepest descent
 runs through it everywhere (faster than numpy on a CPU too), a whole window and the region graph's faces
 on a GPU.
