@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import cc3d
 import numpy as np
@@ -31,6 +32,7 @@ __all__ = ["DeviceWindow", "HostWindow", "open_window"]
 
 logger = logging.getLogger(__name__)
 Box = tuple[slice, ...]
+T = TypeVar("T")
 
 
 class HostWindow:
@@ -48,7 +50,7 @@ class HostWindow:
     def compute(cls, image: NDArray[np.float32], /, *, kind: str, threshold: float, sampling: Sequence[float] | None,
                 threads: int) -> HostWindow:
         """Interior, distances and components of the probability window ``image``."""
-        mask = interior_of(image, kind) > threshold
+        mask = interior_of(image, kind) > float(threshold)  # a Python float: compared in float32
         distance = distance_transform(mask, sampling=sampling, threads=threads)
         components = cc3d.connected_components(mask, connectivity=6).astype(np.int32, copy=False)
         return cls(image, mask, distance, components, sampling=sampling, threads=threads)
@@ -88,20 +90,25 @@ class HostWindow:
 
 
 class DeviceWindow:
-    """The same window with its volumes as tensors on ``device`` (see the module docstring)."""
+    """The same window with its volumes as tensors on ``device`` (see the module docstring).
+
+    A step that runs out of device memory hands the window to the host (:class:`HostWindow`, its state copied
+    back, the device's tensors let go) and every later step runs there.
+    """
 
     def __init__(self, image: NDArray[np.float32], /, *, kind: str, threshold: float, sampling: Sequence[float] | None,
                  threads: int, device: torch.device) -> None:
         self.image, self.sampling, self.threads, self.device = image, sampling, threads, device
         self.image_t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
         interior = (1.0 - self.image_t) if kind == "boundary" else self.image_t
-        self.mask_t = interior > threshold
+        self.mask_t = interior > float(threshold)  # a Python float: compared in float32, as numpy does
         del interior
         self.distance_t = self._distance(self.mask_t)
         self.components_t = dev.connected_components(self.mask_t)
         self.n_components = int(self.components_t.max()) if self.components_t.numel() else 0
-        self.markers_t = torch.zeros(0, dtype=torch.int32, device=device)  # set by place()
+        self.markers_t: torch.Tensor | None = None  # set by place()
         self.n_markers = 0
+        self._host: HostWindow | None = None  # set when the device ran out of memory
 
     def _distance(self, mask: torch.Tensor) -> torch.Tensor:
         if is_unit(self.sampling):
@@ -112,8 +119,32 @@ class DeviceWindow:
         host = edt_distance(mask.cpu().numpy(), sampling=self.sampling, threads=self.threads)  # farther or anisotropic
         return torch.from_numpy(host).to(self.device)
 
+    def _on_device(self, what: str, step: Callable[[], T], on_host: Callable[[HostWindow], T]) -> T:
+        """``step`` on the device, or ``on_host`` on the host window once the device has run out of memory."""
+        if self._host is None:
+            try:
+                return step()
+            except torch.cuda.OutOfMemoryError:  # handled below, once the traceback (and its tensors) are gone
+                logger.warning("labelling: %s out of memory for %s in a %s window; finishing the window on the host",
+                               self.device, what, "x".join(map(str, self.image.shape)))
+            self._host = self._to_host()
+        return on_host(self._host)
+
+    def _to_host(self) -> HostWindow:
+        host = HostWindow(self.image, self.mask_t.cpu().numpy(), self.distance_t.cpu().numpy(),
+                          self.components_t.cpu().numpy(), sampling=self.sampling, threads=self.threads)
+        if self.markers_t is not None:
+            host.markers, host.n_markers = self.markers_t.cpu().numpy(), self.n_markers
+        del self.image_t, self.mask_t, self.distance_t, self.components_t, self.markers_t
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the memory back to the network's streams
+        return host
+
     def peaks(self, min_dist: int) -> NDArray[np.intp]:
         """As :meth:`HostWindow.peaks`: the maxima on the device, their points ordered and thinned on the host."""
+        return self._on_device("seed maxima", lambda: self._peaks(min_dist), lambda host: host.peaks(min_dist))
+
+    def _peaks(self, min_dist: int) -> NDArray[np.intp]:
         if not self.n_components:
             return np.empty((0, 3), dtype=np.intp)
         peak = dev.peaks(self.distance_t, self.mask_t, radius=seed_radius(min_dist, self.sampling))
@@ -123,6 +154,10 @@ class DeviceWindow:
                                 sampling=self.sampling)
 
     def place(self, points: NDArray[np.integer], /) -> NDArray[np.intp]:
+        """As :meth:`HostWindow.place`."""
+        return self._on_device("seed markers", lambda: self._place(points), lambda host: host.place(points))
+
+    def _place(self, points: NDArray[np.integer]) -> NDArray[np.intp]:
         seeds = torch.zeros(self.mask_t.shape, dtype=torch.bool, device=self.device)
         if len(points):
             seeds[tuple(torch.from_numpy(np.asarray(points, dtype=np.int64).T).to(self.device))] = True
@@ -132,30 +167,22 @@ class DeviceWindow:
 
     def markers_at(self, points: NDArray[np.integer], /) -> NDArray[np.int32]:
         """The marker at each of ``points`` ``(n, 3)`` (after :meth:`place`)."""
+        return self._on_device("seed lookups", lambda: self._markers_at(points), lambda host: host.markers_at(points))
+
+    def _markers_at(self, points: NDArray[np.integer]) -> NDArray[np.int32]:
+        assert self.markers_t is not None, "place() the seeds first"
         index = torch.from_numpy(np.asarray(points, dtype=np.int64).reshape(-1, 3).T).to(self.device)
         return self.markers_t[tuple(index)].cpu().numpy()
 
-    def to_host(self) -> HostWindow:
-        """The window's state on the host (a device out of memory finishes it there)."""
-        host = HostWindow(self.image, self.mask_t.cpu().numpy(), self.distance_t.cpu().numpy(),
-                          self.components_t.cpu().numpy(), sampling=self.sampling, threads=self.threads)
-        host.markers, host.n_markers = self.markers_t.cpu().numpy(), self.n_markers
-        return host
-
     def flood(self, *, boundary: bool, open_background: bool) -> NDArray[np.int32]:
-        """As :meth:`HostWindow.flood`, the array steps on the device (on the host if it runs out of memory)."""
-        try:
-            return self._flood(boundary=boundary, open_background=open_background)
-        except torch.cuda.OutOfMemoryError:
-            logger.warning("labelling: %s out of memory for a %s window; flooding it on the host", self.device,
-                           "x".join(map(str, self.image.shape)))
-            return self.to_host().flood(boundary=boundary, open_background=open_background)
+        """As :meth:`HostWindow.flood`, the array steps on the device."""
+        return self._on_device("the flood", lambda: self._flood(boundary=boundary, open_background=open_background),
+                               lambda host: host.flood(boundary=boundary, open_background=open_background))
 
     def _flood(self, *, boundary: bool, open_background: bool) -> NDArray[np.int32]:
-        if boundary:
-            resolved = self._resolve(lambda box: self.image[box])
-        else:
+        if not boundary:
             return self._resolve(lambda box: (-self.distance_t[box]).cpu().numpy()).cpu().numpy()
+        resolved = self._resolve(lambda box: self.image[box])
         if bool((resolved == 0).any()):
             descended, reached = dev.descend(self.image_t, resolved)
             rest = descended == 0
@@ -172,13 +199,14 @@ class DeviceWindow:
     def _resolve(self, image_box: Callable[[Box], np.ndarray]) -> torch.Tensor:
         """:func:`engine.labels.flood.resolve_components` with the components' lookups on the device and the
         split of shared components on the host, in their box (``image_box`` gives what to flood there)."""
+        assert self.markers_t is not None, "place() the seeds first"
         at = self.markers_t > 0
         region_of_comp, shared = seat_components(self.markers_t[at].cpu().numpy(), self.components_t[at].cpu().numpy(),
                                                  self.n_components)
-        components = self.components_t.long()
-        resolved = torch.from_numpy(region_of_comp).to(self.device)[components]
+        flat = self.components_t.view(-1)
+        resolved = torch.index_select(torch.from_numpy(region_of_comp).to(self.device), 0, flat).view(self.components_t.shape)
         if shared.any():
-            inside = torch.from_numpy(shared).to(self.device)[components]
+            inside = torch.index_select(torch.from_numpy(shared).to(self.device), 0, flat).view(self.components_t.shape)
             box = _box(inside)
             parts = (t[box].cpu().numpy() for t in (self.markers_t, inside, resolved))
             resolved[box] = torch.from_numpy(split_shared(image_box(box), *parts)).to(self.device)
@@ -189,7 +217,7 @@ def _box(mask: torch.Tensor, /, *, margin: int = 0) -> Box:
     """:func:`engine.labels.flood.box_of` of a tensor with some voxels set."""
     box = []
     for axis, n in enumerate(mask.shape):
-        hit = torch.nonzero(mask.any(dim=tuple(a for a in range(mask.ndim) if a != axis))).view(-1)
+        hit = torch.nonzero(mask.movedim(axis, 0).reshape(n, -1).any(dim=1)).view(-1)  # torch >= 2.1
         box.append(slice(max(0, int(hit[0]) - margin), min(n, int(hit[-1]) + 1 + margin)))
     return tuple(box)
 
@@ -198,12 +226,13 @@ def open_window(image: NDArray[np.float32], /, *, kind: str, threshold: float, s
                 threads: int, device: torch.device | None, min_dist: int) -> tuple[HostWindow | DeviceWindow, NDArray[np.intp]]:
     """The window and its own seed candidates: on ``device`` when it is not the CPU (there numpy measured
     faster), on the host when it is, or when the device runs out of memory."""
+    window: HostWindow | DeviceWindow | None = None
     if device is not None and device.type != "cpu":
         try:
             window = DeviceWindow(image, kind=kind, threshold=threshold, sampling=sampling, threads=threads, device=device)
-            return window, window.peaks(min_dist)
         except torch.cuda.OutOfMemoryError:
             logger.warning("labelling: %s out of memory for a %s window; labelling it on the host", device,
                            "x".join(map(str, image.shape)))
-    window = HostWindow.compute(image, kind=kind, threshold=threshold, sampling=sampling, threads=threads)
+    if window is None:
+        window = HostWindow.compute(image, kind=kind, threshold=threshold, sampling=sampling, threads=threads)
     return window, window.peaks(min_dist)

@@ -55,28 +55,27 @@ def test_device_window_equals_host_window(probs: np.ndarray, kind: str, sampling
     assert want.max() > 10 and got.dtype == want.dtype and np.array_equal(got, want)
 
 
-def test_device_out_of_memory_mid_window_finishes_on_the_host(monkeypatch, caplog) -> None:  # noqa: ANN001
+def _out_of_memory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+
+@pytest.mark.parametrize("failing", ["descend", "connected_components"])
+def test_device_out_of_memory_mid_window_finishes_on_the_host(monkeypatch, caplog, failing: str) -> None:  # noqa: ANN001
+    """Out of memory in the flood's descent, or in placing the seeds (their components): the window goes on
+    on the host, with the same markers and labels, and lets its device tensors go."""
     image = membrane_probs((40, 48, 52), seed=1)[0]
     (host, peaks), (device, _) = _windows(image, "boundary", 0.5, None, min_dist=3)
-    host.place(peaks)
-    device.place(peaks)
-
-    def out_of_memory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
-
-    monkeypatch.setattr(window_module.dev, "descend", out_of_memory)
+    monkeypatch.setattr(window_module.dev, failing, _out_of_memory)
+    assert np.array_equal(device.place(peaks), host.place(peaks))
+    assert np.array_equal(device.markers_at(peaks), host.markers_at(peaks))
     got = device.flood(boundary=True, open_background=True)
     assert np.array_equal(got, host.flood(boundary=True, open_background=True))
-    assert "flooding it on the host" in caplog.text
+    assert "finishing the window on the host" in caplog.text and not hasattr(device, "image_t")
 
 
 def test_device_out_of_memory_at_the_start_labels_on_the_host(monkeypatch, caplog) -> None:  # noqa: ANN001
     image = membrane_probs((40, 48, 52), seed=1)[0]
-
-    def out_of_memory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
-
-    monkeypatch.setattr(window_module, "DeviceWindow", out_of_memory)
+    monkeypatch.setattr(window_module, "DeviceWindow", _out_of_memory)
     window, _ = open_window(image, kind="boundary", threshold=0.5, sampling=None, threads=1, device=torch.device("meta"),
                             min_dist=3)
     assert isinstance(window, HostWindow) and "labelling it on the host" in caplog.text
@@ -105,3 +104,14 @@ def test_slab_labeller_with_device_windows_equals_the_host(monkeypatch, depth: i
     monkeypatch.setattr(slabs_module, "open_window", _device_on_cpu)
     got = labels()
     assert want.max() > 20 and np.array_equal(got, want)
+
+
+def test_a_numpy_float64_threshold_gives_one_mask_on_both() -> None:
+    """numpy 2 compares float32 with a float64 scalar in float64, torch in float32: both windows take the
+    threshold as a Python float (float32 comparison), so the masks agree (they differed at 0.3 before)."""
+    image = membrane_probs((40, 48, 52), seed=1)[0]
+    threshold = np.float64(0.3)
+    host = HostWindow.compute(image, kind="boundary", threshold=threshold, sampling=None, threads=1)
+    device = DeviceWindow(image, kind="boundary", threshold=threshold, sampling=None, threads=1, device=CPU)
+    assert np.array_equal(host.mask, device.mask_t.numpy())
+    assert np.array_equal(host.mask, (np.float32(1.0) - image) > np.float32(0.3))
