@@ -76,6 +76,14 @@ rows' validation stacks (seeds 950+, full size, ``segment`` defaults) scored mea
 against stage 5's 0.839 / 0.674: small cells 0.589 against 0.584, every other row equal or lower. Small
 cells need more than a CPU fine-tune (a GPU run of this data mix is the next try).
 
+Also tried (2026-12-05, same CPU): a plain continuation of stage 5 on its own data mix, lr 2e-4, data seed 7::
+
+    python -m training.train_default --init engine/default_bundle/model.pt --checkpoint /tmp/stage7/ckpt.pt \
+        --bundle-out /tmp/stage7/bundle --steps 100000 --time-limit 3600 --lr 2e-4 --seed 7 --p-tissue 0.7
+
+5801 steps in 3601 s; with stage 5's post-processing, on the same validation stacks (torch-cpu, bf16): mean
+F1 / IoU 0.845 / 0.678 against 0.848 / 0.672 (F1 down at 3x, 4x and large cells, up on the dome): not kept.
+
 On a GPU host, ``scripts/train_gpu.sh OUT [SECONDS]`` runs ``--device cuda`` (bf16 autocast), ``--workers``
 (the host's cores make the training volumes ahead of the steps; the same volumes as without workers) and
 ``--time-limit`` (the cosine decay runs over the wall clock, so the run fits one device call). Checkpoints
