@@ -19,8 +19,11 @@ from numpy.typing import NDArray
 from scipy.spatial import cKDTree
 
 from ..bundle import OutputSpec
+from .distance import is_unit
 
-__all__ = ["find_seeds", "interior_of", "interior_probability", "path_maximum", "seed_radius", "seeds_from_peaks"]
+__all__ = [
+    "find_seeds", "interior_mask", "interior_of", "interior_probability", "path_maximum", "seed_radius", "seeds_from_peaks",
+]
 
 
 def interior_probability(probs: NDArray[np.float32], output: OutputSpec, /) -> NDArray[np.float32]:
@@ -31,6 +34,12 @@ def interior_probability(probs: NDArray[np.float32], output: OutputSpec, /) -> N
 def interior_of(channel: NDArray[np.float32], kind: str, /) -> NDArray[np.float32]:
     """The cell-interior probability from the one output channel that matters, of ``kind`` boundary or foreground."""
     return (1.0 - channel) if kind == "boundary" else channel
+
+
+def interior_mask(channel: NDArray[np.float32], kind: str, threshold: float, /) -> NDArray[np.bool_]:
+    """Where the interior probability exceeds ``threshold`` (numpy or torch alike: the threshold is compared as
+    a Python float, so in float32 on both; numpy 2 would compare a float64 scalar in float64)."""
+    return interior_of(channel, kind) > float(threshold)
 
 
 def seed_radius(min_dist: int, sampling: Sequence[float] | None, /) -> tuple[int, int, int]:
@@ -73,7 +82,7 @@ def _order_key(distance: NDArray[np.float32], sampling: Sequence[float] | None) 
     uint16 (up to 255), order the voxels exactly as the distances do at a quarter or half of the memory
     traffic of float32; anything else stays float32.
     """
-    if sampling is not None and any(float(s) != 1.0 for s in sampling):
+    if not is_unit(sampling):
         return distance
     top = float(distance.max(initial=0.0))
     if top >= 255.0:

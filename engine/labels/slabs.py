@@ -44,7 +44,7 @@ from ..bundle import OutputSpec, PostprocessSpec
 from .device import faces, run_on
 from .distance import available_cores
 from .graph import EdgeTable, agglomerate
-from .seeds import interior_of
+from .seeds import interior_mask
 from .stores import FileLabelStore, MemoryLabelStore
 from .union_find import UnionFind
 from .window import open_window
@@ -209,11 +209,8 @@ class SlabLabeler:
         self.sizes[: len(counts)] += counts
         self.store.write(c0, core)
 
-    def _mask(self, image: NDArray[np.float32]) -> NDArray[np.bool_]:
-        return interior_of(image, self.output.kind) > self.spec.threshold
-
     def _components(self, c0: int, c1: int) -> NDArray[np.uint32]:
-        labels = cc3d.connected_components(self._mask(self._planes(c0, c1)), connectivity=6)
+        labels = cc3d.connected_components(interior_mask(self._planes(c0, c1), self.output.kind, self.spec.threshold), connectivity=6)
         n = int(labels.max())
         lut = np.concatenate([[0], self.ids.add(n)]).astype(np.uint32)  # ids < 2**32 (UnionFind checks)
         core = lut[labels]

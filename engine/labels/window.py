@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from . import device as dev
 from .distance import EDT_BOUNDS, clear_background, distance_transform, edt_distance, is_unit
 from .flood import fill, flood_plateaus, resolve_components, seat_components, split_shared
-from .seeds import find_seeds, interior_of, seed_radius, seeds_from_peaks
+from .seeds import find_seeds, interior_mask, seed_radius, seeds_from_peaks
 
 __all__ = ["DeviceWindow", "HostWindow", "open_window"]
 
@@ -50,7 +50,7 @@ class HostWindow:
     def compute(cls, image: NDArray[np.float32], /, *, kind: str, threshold: float, sampling: Sequence[float] | None,
                 threads: int) -> HostWindow:
         """Interior, distances and components of the probability window ``image``."""
-        mask = interior_of(image, kind) > float(threshold)  # a Python float: compared in float32
+        mask = interior_mask(image, kind, threshold)
         distance = distance_transform(mask, sampling=sampling, threads=threads)
         components = cc3d.connected_components(mask, connectivity=6).astype(np.int32, copy=False)
         return cls(image, mask, distance, components, sampling=sampling, threads=threads)
@@ -100,9 +100,7 @@ class DeviceWindow:
                  threads: int, device: torch.device) -> None:
         self.image, self.sampling, self.threads, self.device = image, sampling, threads, device
         self.image_t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
-        interior = (1.0 - self.image_t) if kind == "boundary" else self.image_t
-        self.mask_t = interior > float(threshold)  # a Python float: compared in float32, as numpy does
-        del interior
+        self.mask_t = interior_mask(self.image_t, kind, threshold)
         self.distance_t = self._distance(self.mask_t)
         self.components_t = dev.connected_components(self.mask_t)
         self.n_components = int(self.components_t.max()) if self.components_t.numel() else 0
