@@ -418,6 +418,8 @@ def test_default_memory_budget_leaves_out_what_the_process_already_holds() -> No
     held = resident_memory()
     assert held > 50 * 2**20  # python, numpy and torch are loaded
     budget = memory_budget(SegmentOptions())
-    assert budget <= DEFAULT_MEMORY_BYTES - held + 16 * 2**20  # the resident set may shrink a little meanwhile
+    # the resident set may shrink a little meanwhile; the floor is half the default (a test process late in a
+    # suite can hold over 1 GiB: CI at 58b1834 held 1.09 GB here)
+    assert budget <= max(DEFAULT_MEMORY_BYTES - held + 16 * 2**20, DEFAULT_MEMORY_BYTES // 2)
     assert budget >= min(DEFAULT_MEMORY_BYTES // 2, available_memory() // 2)
     assert memory_budget(SegmentOptions(memory_limit_gib=1.5)) == int(1.5 * 2**30)  # a given limit is the caller's
