@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
-    "BACKGROUND_MARGIN", "BACKGROUND_MIN_VOLUME", "BACKGROUND_WIDTH", "EDT_BOUNDS", "available_cores", "bounded_distance",
+    "BACKGROUND_MARGIN", "BACKGROUND_MIN_VOLUME", "BACKGROUND_WIDTH", "EDT_BOUNDS", "available_cores", "background_of", "bounded_distance",
     "clear_background", "distance_transform", "edt_distance", "is_unit",
 ]
 
@@ -95,8 +95,16 @@ def clear_background(
     labels: NDArray[np.integer], interior: NDArray[np.bool_], /, *, sampling: Sequence[float] | None, threads: int,
     open_wide: bool = True,
 ) -> None:
-    """Set to 0, in place, the background: the parts of the not-interior region too wide to be a membrane,
-    up to :data:`BACKGROUND_MARGIN` from the cells' interiors.
+    """Set :func:`background_of` ``interior`` to 0 in ``labels``, in place."""
+    labels[background_of(interior, sampling=sampling, threads=threads, open_wide=open_wide)] = 0
+
+
+def background_of(
+    interior: NDArray[np.bool_], /, *, sampling: Sequence[float] | None, threads: int, open_wide: bool = True
+) -> NDArray[np.bool_]:
+    """The background: the parts of the not-interior region too wide to be a membrane, up to
+    :data:`BACKGROUND_MARGIN` from the cells' interiors (from the interior alone, so a window can find it
+    while its flood runs).
 
     A boundary model marks membranes and, where it was trained on tissue with background around it, the
     background too; the flood would hand that background to the nearest cells. Membranes are a few voxels
@@ -115,17 +123,16 @@ def clear_background(
     """
     unit = is_unit(sampling)
     far = _beyond(~interior, BACKGROUND_WIDTH, sampling=sampling, unit=unit, threads=threads)
-    labels[far] = 0
     voxel = 1.0 if unit else float(np.prod([float(s) for s in sampling]))  # type: ignore[union-attr]
     if not open_wide or np.count_nonzero(far) * voxel < BACKGROUND_MIN_VOLUME:  # no region can be that large
-        return
+        return far
     regions = cc3d.connected_components(far, connectivity=26)
     wide = np.bincount(regions.ravel()) * voxel >= BACKGROUND_MIN_VOLUME
     wide[0] = False
     if not wide.any():
-        return
+        return far
     reach = BACKGROUND_WIDTH - BACKGROUND_MARGIN
-    labels[~_beyond(~wide[regions], reach, sampling=sampling, unit=unit, threads=threads)] = 0
+    return far | ~_beyond(~wide[regions], reach, sampling=sampling, unit=unit, threads=threads)
 
 
 def _beyond(

@@ -15,6 +15,7 @@ on it and returns the merges. Per-face work is numpy; the merge loop is per edge
 from __future__ import annotations
 
 import heapq
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 
 import numpy as np
@@ -110,9 +111,12 @@ class EdgeTable:
 
     def add_faces(self, u: NDArray[np.int64], v: NDArray[np.int64], value: NDArray[np.float64], counts: NDArray[np.int64] | None = None) -> None:
         """Pool faces ``(u[i] < v[i], value[i])`` (``counts[i]`` faces each when given) into the table."""
-        if not len(u):
+        if len(u):
+            self._add_pooled(_pooled(u, v, value, np.ones(len(value), np.int64) if counts is None else counts))
+
+    def _add_pooled(self, rows: tuple[NDArray, ...]) -> None:
+        if not len(rows[0]):
             return
-        rows = _pooled(u, v, value, np.ones(len(value), np.int64) if counts is None else counts)
         if not len(self._table[0]) and not self._waiting:
             self._table = rows
             return
@@ -121,16 +125,28 @@ class EdgeTable:
         if self._waiting_rows > len(self._table[0]):
             self._rows()
 
-    def add_piece(self, labels: NDArray[np.integer], boundary: NDArray[np.floating], /, *, planes: int = 4) -> None:
+    def add_piece(self, labels: NDArray[np.integer], boundary: NDArray[np.floating], /, *, planes: int = 4, threads: int = 1) -> None:
         """Every face inside ``labels`` (``(Z, Y, X)`` ids, ``boundary`` the same shape), ``planes`` z-planes
         at a time: a slab's faces are up to ~40% of its voxels, 24 bytes each before they are pooled, so
-        pooling them a few planes at a time keeps that to a few planes' worth."""
-        for z0 in range(0, labels.shape[0], planes):
+        pooling them a few planes at a time keeps that to a few planes' worth. The chunks' faces are found
+        and pooled on ``threads`` threads (numpy's sorts and gathers release the GIL) and join the table in
+        z order, so the table is the same for any ``threads``."""
+
+        def chunk_rows(z0: int) -> tuple[NDArray, ...]:
             z1 = min(labels.shape[0], z0 + planes)
             parts = [_faces(labels[z0:z1], boundary[z0:z1])]
             if z1 < labels.shape[0]:  # and the faces to the next chunk's first plane
                 parts.append(_faces(labels[z1 - 1 : z1 + 1], boundary[z1 - 1 : z1 + 1], axes=(0,)))
-            self.add_faces(*(np.concatenate(column) for column in zip(*parts)))
+            return _pooled(*(np.concatenate(column) for column in zip(*parts)))
+
+        starts = range(0, labels.shape[0], planes)
+        if threads < 2 or len(starts) < 2:
+            for z0 in starts:
+                self._add_pooled(chunk_rows(z0))
+            return
+        with ThreadPoolExecutor(threads) as pool:
+            for rows in pool.map(chunk_rows, starts):
+                self._add_pooled(rows)
 
     def add_between(self, below: NDArray[np.integer], below_p: NDArray[np.floating], above: NDArray[np.integer],
                     above_p: NDArray[np.floating]) -> None:

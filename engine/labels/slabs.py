@@ -279,7 +279,7 @@ class SlabLabeler:
             if self.device is not None and self.device.type != "cpu":
                 edges.add_faces(*run_on(self.device, faces, labels, boundary))
             else:
-                edges.add_piece(labels, boundary)
+                edges.add_piece(labels, boundary, threads=self.threads or available_cores())
             if self._edge_plane is not None:
                 edges.add_between(self._edge_plane[0], self._edge_plane[1], labels[0], boundary[0])
             self._edge_plane = (labels[-1].copy(), boundary[-1].copy())

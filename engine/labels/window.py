@@ -15,6 +15,7 @@ clearing (on the labels and mask). The float window goes to the device once; no 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -24,8 +25,9 @@ import torch
 from numpy.typing import NDArray
 
 from . import device as dev
-from .distance import EDT_BOUNDS, clear_background, distance_transform, edt_distance, is_unit
-from .flood import fill, flood_plateaus, resolve_components, seat_components, split_shared
+from .distance import EDT_BOUNDS, background_of, clear_background, distance_transform, edt_distance, is_unit
+from .flood import fill, resolve_components, seat_components, split_shared
+from .plateaus import flood_plateaus
 from .seeds import find_seeds, interior_mask, seed_radius, seeds_from_peaks
 
 __all__ = ["DeviceWindow", "HostWindow", "open_window"]
@@ -74,18 +76,22 @@ class HostWindow:
 
     def flood(self, *, boundary: bool, open_background: bool) -> NDArray[np.int32]:
         """The flooded window (after :meth:`place`): boundary models fill every voxel then lose the
-        background; foreground models flood the negated distance inside the interior. Drops the window's
-        arrays as it goes (the window's peak memory)."""
+        background (found from the mask on a thread of its own while the flood runs); foreground models
+        flood the negated distance inside the interior. Drops the window's arrays as it goes (the window's
+        peak memory)."""
         assert self.markers is not None, "place() the seeds first"
         image, markers, components = self.image if boundary else -self.distance, self.markers, self.components
         del self.distance, self.markers, self.components  # each array goes as soon as it is done with: the peak
-        resolved = resolve_components(image, markers, components)
-        del markers, components, image
-        if not boundary:
-            return resolved
-        flooded = fill(self.image, resolved)
-        del resolved
-        clear_background(flooded, self.mask, sampling=self.sampling, threads=self.threads, open_wide=open_background)
+        with ThreadPoolExecutor(1) as pool:
+            background = pool.submit(background_of, self.mask, sampling=self.sampling, threads=self.threads,
+                                     open_wide=open_background) if boundary else None
+            resolved = resolve_components(image, markers, components, threads=self.threads)
+            del markers, components, image
+            if background is None:
+                return resolved
+            flooded = fill(self.image, resolved)
+            del resolved
+            flooded[background.result()] = 0
         return flooded
 
 
@@ -206,8 +212,8 @@ class DeviceWindow:
         if shared.any():
             inside = torch.index_select(torch.from_numpy(shared).to(self.device), 0, flat).view(self.components_t.shape)
             box = _box(inside)
-            parts = (t[box].cpu().numpy() for t in (self.markers_t, inside, resolved))
-            resolved[box] = torch.from_numpy(split_shared(image_box(box), *parts)).to(self.device)
+            parts = (t[box].cpu().numpy() for t in (self.markers_t, self.components_t, inside, resolved))
+            resolved[box] = torch.from_numpy(split_shared(image_box(box), *parts, threads=self.threads)).to(self.device)
         return resolved
 
 

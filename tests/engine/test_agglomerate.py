@@ -72,8 +72,9 @@ def test_slab_labeller_merges_over_slab_borders_alike() -> None:
 
 
 def test_faces_pooled_a_few_planes_at_a_time_are_the_whole_pieces() -> None:
-    """add_piece pools a slab's faces ``planes`` z-planes at a time (bounded memory); the table is the same
-    for any chunking: pairs and counts exactly, sums up to the order of float64 additions."""
+    """add_piece pools a slab's faces ``planes`` z-planes at a time (bounded memory), the chunks on
+    ``threads`` threads; the table is the same for any chunking: pairs and counts exactly, sums up to the
+    order of float64 additions (and bit for bit for any number of threads)."""
     rng = np.random.default_rng(3)
     for shape in [(9, 7, 8), (1, 5, 5), (4, 6, 6)]:
         labels = rng.integers(0, 6, shape).astype(np.uint32)
@@ -83,6 +84,10 @@ def test_faces_pooled_a_few_planes_at_a_time_are_the_whole_pieces() -> None:
             table = EdgeTable()
             table.add_piece(labels, boundary, planes=planes)
             tables.append(table)
+            threaded = EdgeTable()
+            threaded.add_piece(labels, boundary, planes=planes, threads=3)
+            assert all(np.array_equal(a, b) for a, b in zip(
+                (threaded.u, threaded.v, threaded.sums, threaded.counts), (table.u, table.v, table.sums, table.counts)))
         whole = tables[0]
         assert len(whole) > 0
         for table in tables[1:]:

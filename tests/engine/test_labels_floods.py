@@ -1,0 +1,146 @@
+"""The two floods that run on parts of a window give what one flood over the window gives, ties included.
+
+- Every flood queues seeds of equal value in raster order (:mod:`engine.labels.seeded`; skimage leaves
+  that to its heap's shape), and otherwise is skimage's watershed.
+- The flood of the voxels the steepest descent leaves (plateaus, pits) runs piece by piece in packed slots
+  (:mod:`engine.labels.plateaus`); the reference is the flood of all of them over the window, as it ran
+  before: the watershed from their rim, with the same tie-break.
+- The split of interior components that hold several seeds runs, on several threads, in groups of whole
+  components, each in its own box (:func:`engine.labels.flood.flood_pieces`); the reference is one flood.
+
+The maps are quantized so that ties are everywhere (the order of the queue decides them).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.segmentation import watershed
+
+from engine.bundle import OutputSpec, PostprocessSpec
+from engine.labels import distance_transform, find_seeds, label_cells
+from engine.labels.flood import descend, flood_pieces, resolve_components, seat_components
+from engine.labels.plateaus import TIE_BREAK, flood_plateaus
+from engine.labels.seeded import seeded_watershed
+from engine.synthetic import make_membrane_volume
+
+flood_module = importlib.import_module("engine.labels.flood")
+BOUNDARY = OutputSpec(kind="boundary", channel=0, names=("b",))
+
+
+def _quantized_membranes(shape: tuple[int, int, int], seed: int, *, step: float) -> np.ndarray:
+    labels = make_membrane_volume(shape, seed=seed, mean_cell_diameter=10.0).labels
+    edges = np.zeros(shape, bool)
+    for axis in range(3):
+        lo = [slice(None)] * 3
+        lo[axis] = slice(0, -1)
+        edges[tuple(lo)] |= np.diff(labels.astype(np.int64), axis=axis) != 0
+    rng = np.random.default_rng(seed)
+    probs = ndimage.gaussian_filter(edges.astype(np.float32), 1.0) * 2.5 + rng.normal(0, 0.05, shape)
+    return (np.round(np.clip(probs, 0, 1) / step) * step).astype(np.float32)
+
+
+def _window(image: np.ndarray, *, threshold: float, min_dist: int) -> tuple[np.ndarray, np.ndarray]:
+    """Markers and interior components of ``image`` (a boundary map), as a labelling window makes them."""
+    mask = image < threshold
+    components = ndimage.label(mask)[0].astype(np.int32)
+    seeds = find_seeds(distance_transform(mask, sampling=None, threads=1), components, min_dist=min_dist, sampling=None)
+    markers = np.zeros(image.shape, np.int32)
+    markers[tuple(seeds.T)] = np.arange(1, len(seeds) + 1)
+    return markers, components
+
+
+def _flood_over_the_box(image, resolved, descended, reached) -> np.ndarray:
+    rest = descended == 0
+    rim = ndimage.binary_dilation(rest) & ~rest
+    late = rim & (resolved == 0)
+    priority = image.astype(np.float64)
+    priority[late] -= TIE_BREAK * (2.0 - reached[late])
+    flooded = seeded_watershed(priority, np.where(rim, descended, 0), rest | rim)
+    return np.where(rest, flooded, descended)
+
+
+def test_seeds_of_equal_value_go_in_raster_order() -> None:
+    flat = np.zeros((1, 1, 5), np.float32)
+    mask = np.ones(flat.shape, bool)
+    for first, second in [(1, 2), (2, 1)]:
+        markers = np.array([[[first, 0, 0, 0, second]]], np.int32)
+        assert seeded_watershed(flat, markers, mask).tolist() == [[[first, first, first, second, second]]]
+    # A lower seed goes first wherever it is (2 takes the voxel beside it), and a seed still goes before the
+    # other voxels of its value (1 takes its neighbour before 2's neighbour, queued earlier, is taken).
+    lower_later = np.array([[[0.5, 0.5, 0.5, 0.5, 0.25]]], np.float32)
+    got = seeded_watershed(lower_later, np.array([[[1, 0, 0, 0, 2]]], np.int32), mask)
+    assert got.tolist() == [[[1, 1, 2, 2, 2]]]
+
+
+def test_seeded_watershed_is_skimages_where_no_seeds_tie() -> None:
+    rng = np.random.default_rng(6)
+    image = ndimage.gaussian_filter(rng.random((32, 40, 40)), 1.5).astype(np.float32)
+    markers = np.zeros(image.shape, np.int32)
+    markers.reshape(-1)[rng.choice(image.size, 300, replace=False)] = np.arange(1, 301)
+    mask = rng.random(image.shape) < 0.9
+    values = image[markers > 0]
+    assert len(np.unique(values)) == len(values)  # no two seed voxels share a value
+    assert np.array_equal(seeded_watershed(image, markers, mask), watershed(image, markers, mask=mask))
+
+
+@pytest.mark.parametrize("seed, step", [(1, 0.05), (2, 0.1), (3, 0.25)])
+def test_plateaus_flooded_piece_by_piece_equal_one_flood(seed: int, step: float) -> None:
+    image = _quantized_membranes((40, 56, 48), seed, step=step)
+    markers, components = _window(image, threshold=0.5, min_dist=3)
+    resolved = resolve_components(image, markers, components)
+    descended, reached = descend(image, resolved)
+    rest = descended == 0
+    assert ndimage.label(rest)[1] > 20  # many pieces, of several size classes
+    got = flood_plateaus(image, resolved, descended, reached)
+    assert np.array_equal(got, _flood_over_the_box(image, resolved, descended, reached))
+    assert (got[rest] > 0).all()
+
+
+def test_plateaus_long_along_different_axes_and_at_the_volume_edge() -> None:
+    """Pieces of one size class that lie along z, y and x (their slots would outweigh their bounding box:
+    one slot holds them all), pieces along x only (packed), and pieces touching the volume's faces."""
+    rng = np.random.default_rng(7)
+    shape = (36, 40, 44)
+    image = (rng.integers(0, 4, shape) / 4).astype(np.float32)
+    descended = rng.integers(1, 6, shape).astype(np.int32)
+    resolved = np.where(rng.random(shape) < 0.5, descended, 0).astype(np.int32)
+    reached = (rng.integers(0, 4, shape) / 4).astype(np.float32)
+    for piece in [(slice(2, 32), 5, 5), (10, slice(3, 33), 20), (20, 30, slice(8, 38)),  # one class, three axes
+                  (0, 0, slice(0, 3)), (35, slice(37, 40), 43), (slice(30, 36), 39, 0), (17, 0, 21),  # at the faces
+                  (4, 12, slice(2, 20)), (8, 16, slice(20, 36)), (30, 8, slice(1, 17))]:  # another class, along x
+        descended[piece] = 0
+    descended[12:15, 20:23, 30:33] = 0  # a block
+    rest = descended == 0
+    resolved[rest] = 0
+    got = flood_plateaus(image, resolved, descended, reached)
+    assert np.array_equal(got, _flood_over_the_box(image, resolved, descended, reached))
+    assert (got[rest] > 0).all()
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_shared_components_split_on_threads_equal_one_flood(monkeypatch, threads: int) -> None:
+    image = _quantized_membranes((48, 48, 48), 5, step=0.1)
+    markers, components = _window(image, threshold=0.7, min_dist=2)
+    at = markers > 0
+    _, shared = seat_components(markers[at], components[at], int(components.max()))
+    inside = shared[components]
+    assert np.count_nonzero(shared) > 10
+    one = flood_pieces(image, markers, inside, components, threads=threads)  # one flood: the box is small
+    monkeypatch.setattr(flood_module, "FLOOD_VOXELS_PER_THREAD", 1000)
+    grouped = flood_pieces(image, markers, inside, components, threads=threads)
+    assert np.array_equal(grouped, one)
+    assert np.array_equal(one, np.where(inside, seeded_watershed(image, np.where(inside, markers, 0), inside), 0))
+
+
+def test_labels_on_threads_equal_labels_on_one(monkeypatch) -> None:
+    """The whole labelling (threaded split, background found beside the flood, faces on threads)."""
+    image = _quantized_membranes((40, 48, 48), 4, step=0.05)
+    spec = PostprocessSpec(method="watershed", threshold=0.6, min_dist=3, label_threshd=5, merge_threshold=0.5)
+    monkeypatch.setattr(flood_module, "FLOOD_VOXELS_PER_THREAD", 1000)
+    one = label_cells(image[None], output=BOUNDARY, spec=spec, threads=1)
+    many = label_cells(image[None], output=BOUNDARY, spec=spec, threads=3)
+    assert one.max() > 20 and np.array_equal(one, many)
