@@ -239,12 +239,20 @@ def stream(
             raise RuntimeError(f"reader out of step: planes {got_a}..{got_b} arrived, {a}..{b} expected")
         return data
 
+    labelling_threads = labeler.threads
+    if device.type == "cpu":  # while the network runs there its threads take every core: label on one
+        labeler.threads = 1
+
+    def emit(item: tuple[int, np.ndarray]) -> None:
+        if item[0] + item[1].shape[1] >= labeler.shape[0]:  # the network's last planes: label the rest on every core
+            labeler.threads = labelling_threads
+        pipe.put(outputs, item)
+
     pipe.start("cellseg3d-read", reader)
     pipe.start("cellseg3d-postprocess", postprocessor)
     try:
         _infer(
-            read, run=run, grid=grid, out_channels=out_channels, device=device, tracker=tracker, timings=timings,
-            emit=lambda item: pipe.put(outputs, item),
+            read, run=run, grid=grid, out_channels=out_channels, device=device, tracker=tracker, timings=timings, emit=emit,
         )
         pipe.put(outputs, None)
     except _Stopped:

@@ -246,6 +246,31 @@ def test_reading_inference_and_labelling_overlap(bundles, stacks) -> None:
     assert wall < 0.8 * serial, f"wall {wall:.2f}s vs stages {serial:.2f}s: {busy}"
 
 
+def test_labelling_takes_one_core_while_the_network_runs_on_the_cpu(bundles, stacks, monkeypatch) -> None:
+    """The network's threads take every core while it runs on the CPU, so the cores labelled meanwhile get one
+    thread; once the network has handed on its last planes, the rest get every core again (the caller's
+    setting)."""
+    from engine.labels import SlabLabeler
+    from engine.outputs import RunOutputs
+    from engine.pipeline import _run
+
+    seen: list[tuple[int, int | None]] = []
+    push = SlabLabeler.push
+
+    def recording_push(self, z0, probs):  # noqa: ANN001, ANN202
+        seen.append((z0, self.threads))
+        return push(self, z0, probs)
+
+    monkeypatch.setattr(SlabLabeler, "push", recording_push)
+    bundle, (_, image) = bundles["membrane"], stacks["membrane"]
+    opts = SegmentOptions(batch_size=2, slab_depth=8, halo=8)
+    _run(ArraySource(image[None]), bundle=bundle, options=opts, voxel_size_um=None, progress=None,
+         backend=ImageBackend(bundle), outputs=RunOutputs())
+    threads = [t for _, t in seen]
+    k = threads.index(None)  # the first push after the network's last planes were handed on
+    assert len(seen) > 2 and k >= 1 and set(threads[:k]) == {1} and set(threads[k:]) == {None}, seen
+
+
 def test_streamed_statistics_equal_whole_volume_statistics(tmp_path, monkeypatch) -> None:
     from engine.bundle import Normalization
 
