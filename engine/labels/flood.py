@@ -23,15 +23,16 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from scipy import ndimage
+from skimage.segmentation import watershed
 
 from .device import descend as torch_descend
 from .device import run_on
-from .plateaus import flood_plateaus
 from .seeded import seeded_watershed
 
-__all__ = ["FLOOD_VOXELS_PER_THREAD", "box_of", "descend", "fill", "flood", "flood_pieces", "resolve_components", "seat_components",
-           "split_shared"]
+__all__ = ["FLOOD_VOXELS_PER_THREAD", "box_of", "descend", "fill", "flood", "flood_pieces", "flood_plateaus", "resolve_components",
+           "seat_components", "split_shared"]
 
+TIE_BREAK = 1e-9  # rim order among equal boundary probabilities (float32 steps at membrane levels are >= 3e-8)
 FLOOD_VOXELS_PER_THREAD = 1_000_000  # box voxels per thread below which a second flood thread costs more than it saves
 
 
@@ -174,6 +175,19 @@ def descend(image: np.ndarray, labels: NDArray[np.int32]) -> tuple[NDArray[np.in
     return owner.reshape(shape)[inner].astype(np.int32, copy=False), padded.reshape(shape)[inner]
 
 
+def _rim(region: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """The voxels outside ``region`` with a face neighbour in it (``binary_dilation(region) & ~region``, by
+    six shifted ORs: 5 ms against scipy's 40 ms on 64x256x256)."""
+    grown = region.copy()
+    for axis in range(region.ndim):
+        n = region.shape[axis]
+        lo = tuple(slice(0, n - 1) if a == axis else slice(None) for a in range(region.ndim))
+        hi = tuple(slice(1, n) if a == axis else slice(None) for a in range(region.ndim))
+        grown[lo] |= region[hi]
+        grown[hi] |= region[lo]
+    return grown & ~region
+
+
 def flood(image: np.ndarray, markers: NDArray[np.int32], components: NDArray[np.int32], /, *, confined: bool,
           device: torch.device | None = None) -> NDArray[np.int32]:
     """Seeded watershed of ``image`` (lowest first) from ``markers``: :func:`resolve_components`, then, unless
@@ -206,3 +220,29 @@ def fill(image: np.ndarray, resolved: NDArray[np.int32], /, *, device: torch.dev
         return resolved
     descended, reached = run_on(device, torch_descend, image, resolved)
     return flood_plateaus(image, resolved, descended, reached)
+
+
+def flood_plateaus(image: np.ndarray, resolved: NDArray[np.int32], descended: NDArray[np.int32], reached: np.ndarray) -> NDArray[np.int32]:
+    """``descended`` (:func:`descend`'s labels) with the voxels it left 0 (plateaus, pits) flooded from their
+    labelled rim, in the box around them (the flood stays inside them and their rim)."""
+    rest = descended == 0
+    if not rest.any():
+        return descended
+    box = box_of(rest, margin=1)
+    descended = descended.copy()
+    descended[box] = _flood_rest(image[box], resolved[box], descended[box], reached[box])
+    return descended
+
+
+def _flood_rest(image: np.ndarray, resolved: NDArray[np.int32], descended: NDArray[np.int32], reached: np.ndarray) -> NDArray[np.int32]:
+    rest = descended == 0
+    # The rest (plateaus, pits) is flooded from its labelled rim. A rim voxel goes before unlabelled voxels
+    # of its own value, and among rim voxels of equal value, those the full flood reached earlier (from a
+    # lower neighbour) go first, as they were queued first there: a tie-break of 1-2e-9, far below the
+    # gap between distinct float32 probabilities at membrane levels.
+    rim = _rim(rest)
+    late = rim & (resolved == 0)
+    priority = image.astype(np.float64)
+    priority[late] -= TIE_BREAK * (2.0 - reached[late])
+    flooded = watershed(priority, np.where(rim, descended, 0), mask=rest | rim)
+    return np.where(rest, flooded, descended).astype(np.int32, copy=False)

@@ -27,8 +27,7 @@ from numpy.typing import NDArray
 
 from . import device as dev
 from .distance import EDT_BOUNDS, background_of, clear_background, distance_transform, edt_distance, is_unit
-from .flood import fill, resolve_components, seat_components, split_shared
-from .plateaus import flood_plateaus
+from .flood import fill, flood_plateaus, resolve_components, seat_components, split_shared
 from .seeds import find_seeds, interior_mask, seed_radius, seeds_from_peaks
 
 __all__ = ["DeviceWindow", "HostWindow", "open_window"]

@@ -1,12 +1,7 @@
-"""The two floods that run on parts of a window give what one flood over the window gives, ties included.
-
-- Every flood queues seeds of equal value in raster order (:mod:`engine.labels.seeded`; skimage leaves
-  that to its heap's shape), and otherwise is skimage's watershed.
-- The flood of the voxels the steepest descent leaves (plateaus, pits) runs piece by piece in packed slots
-  (:mod:`engine.labels.plateaus`); the reference is the flood of all of them over the window, as it ran
-  before: the watershed from their rim, with the same tie-break.
-- The split of interior components that hold several seeds runs, on several threads, in groups of whole
-  components, each in its own box (:func:`engine.labels.flood.flood_pieces`); the reference is one flood.
+"""The split of interior components that hold several seeds, run on several threads in groups of whole
+components, each in its own box (:func:`engine.labels.flood.flood_pieces`), gives what one flood gives,
+ties included, because its flood queues seeds of equal value in raster order (:mod:`engine.labels.seeded`;
+skimage leaves that to its heap's shape) and otherwise is skimage's watershed.
 
 The maps are quantized so that ties are everywhere (the order of the queue decides them).
 """
@@ -22,8 +17,7 @@ from skimage.segmentation import watershed
 
 from engine.bundle import OutputSpec, PostprocessSpec
 from engine.labels import distance_transform, find_seeds, label_cells
-from engine.labels.flood import descend, flood_pieces, resolve_components, seat_components
-from engine.labels.plateaus import TIE_BREAK, flood_plateaus
+from engine.labels.flood import flood_pieces, seat_components
 from engine.labels.seeded import seeded_watershed
 from engine.synthetic import make_membrane_volume
 
@@ -53,16 +47,6 @@ def _window(image: np.ndarray, *, threshold: float, min_dist: int) -> tuple[np.n
     return markers, components
 
 
-def _flood_over_the_box(image, resolved, descended, reached) -> np.ndarray:
-    rest = descended == 0
-    rim = ndimage.binary_dilation(rest) & ~rest
-    late = rim & (resolved == 0)
-    priority = image.astype(np.float64)
-    priority[late] -= TIE_BREAK * (2.0 - reached[late])
-    flooded = seeded_watershed(priority, np.where(rim, descended, 0), rest | rim)
-    return np.where(rest, flooded, descended)
-
-
 def test_seeds_of_equal_value_go_in_raster_order() -> None:
     flat = np.zeros((1, 1, 5), np.float32)
     mask = np.ones(flat.shape, bool)
@@ -85,40 +69,6 @@ def test_seeded_watershed_is_skimages_where_no_seeds_tie() -> None:
     values = image[markers > 0]
     assert len(np.unique(values)) == len(values)  # no two seed voxels share a value
     assert np.array_equal(seeded_watershed(image, markers, mask), watershed(image, markers, mask=mask))
-
-
-@pytest.mark.parametrize("seed, step", [(1, 0.05), (2, 0.1), (3, 0.25)])
-def test_plateaus_flooded_piece_by_piece_equal_one_flood(seed: int, step: float) -> None:
-    image = _quantized_membranes((40, 56, 48), seed, step=step)
-    markers, components = _window(image, threshold=0.5, min_dist=3)
-    resolved = resolve_components(image, markers, components)
-    descended, reached = descend(image, resolved)
-    rest = descended == 0
-    assert ndimage.label(rest)[1] > 20  # many pieces, of several size classes
-    got = flood_plateaus(image, resolved, descended, reached)
-    assert np.array_equal(got, _flood_over_the_box(image, resolved, descended, reached))
-    assert (got[rest] > 0).all()
-
-
-def test_plateaus_long_along_different_axes_and_at_the_volume_edge() -> None:
-    """Pieces of one size class that lie along z, y and x (their slots would outweigh their bounding box:
-    one slot holds them all), pieces along x only (packed), and pieces touching the volume's faces."""
-    rng = np.random.default_rng(7)
-    shape = (36, 40, 44)
-    image = (rng.integers(0, 4, shape) / 4).astype(np.float32)
-    descended = rng.integers(1, 6, shape).astype(np.int32)
-    resolved = np.where(rng.random(shape) < 0.5, descended, 0).astype(np.int32)
-    reached = (rng.integers(0, 4, shape) / 4).astype(np.float32)
-    for piece in [(slice(2, 32), 5, 5), (10, slice(3, 33), 20), (20, 30, slice(8, 38)),  # one class, three axes
-                  (0, 0, slice(0, 3)), (35, slice(37, 40), 43), (slice(30, 36), 39, 0), (17, 0, 21),  # at the faces
-                  (4, 12, slice(2, 20)), (8, 16, slice(20, 36)), (30, 8, slice(1, 17))]:  # another class, along x
-        descended[piece] = 0
-    descended[12:15, 20:23, 30:33] = 0  # a block
-    rest = descended == 0
-    resolved[rest] = 0
-    got = flood_plateaus(image, resolved, descended, reached)
-    assert np.array_equal(got, _flood_over_the_box(image, resolved, descended, reached))
-    assert (got[rest] > 0).all()
 
 
 @pytest.mark.parametrize("threads", [2, 3])
