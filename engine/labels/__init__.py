@@ -2,7 +2,8 @@
 
 The steps, one module each: :mod:`.distance` (distance transform of the thresholded interior, background
 clearing), :mod:`.seeds` (distance maxima at least ``min_dist`` apart within a cell), :mod:`.flood` (the
-seeded watershed), :mod:`.graph` (region adjacency graph and average-linkage agglomeration),
+seeded watershed; :mod:`.seeded` fixes skimage's order among seeds of equal value, so parts of a window
+flood on threads as the whole), :mod:`.graph` (region adjacency graph and average-linkage agglomeration),
 :mod:`.window` (one window's seeded watershed, on the host or on the network's device), and
 :mod:`.slabs` (the slab labeller that runs windows core by core, stitches ids across slab borders and keeps
 provisional labels in :mod:`.stores`, joining ids with :mod:`.union_find`;

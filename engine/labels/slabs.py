@@ -108,7 +108,9 @@ class SlabLabeler:
         tile: the watershed labels a core in xy tiles of this side, each inside a window of the halo around
             it (None: whole planes), so a window's size stays bounded however wide the planes are.
         store: where the provisional labels of finished cores go (``write(z0, core)``).
-        threads: threads for the distance transform and flood inside a window (None: every core).
+        threads: threads inside a window (distance transform, the multi-seed split, the background beside
+            the flood, the region graph's faces; None: every core). An attribute: the streamed pipeline sets
+            it to 1 while the network runs on the CPU. The labels are the same for any number.
         device: the backend's device (None: the CPU); on a GPU each window's array steps
             (:class:`.window.DeviceWindow`) and the region graph's faces run there.
         open_background: clear the opening of wide background regions (:func:`.distance.clear_background`);
