@@ -116,7 +116,7 @@ def flood_pieces(image: np.ndarray, seeds: NDArray[np.int32], region: NDArray[np
     return out
 
 
-def _z_groups(pieces: NDArray[np.int32], region: NDArray[np.bool_], groups: int, /) -> NDArray[np.int8]:
+def _z_groups(pieces: NDArray[np.int32], region: NDArray[np.bool_], groups: int, /) -> NDArray[np.int16]:
     """Each ``region`` voxel's group ``1..groups`` (0 elsewhere): whole pieces in order of their z-centre,
     dealt into groups of about equal voxel counts (so each group's box spans about its share of planes)."""
     piece = pieces[region]
@@ -125,9 +125,9 @@ def _z_groups(pieces: NDArray[np.int32], region: NDArray[np.bool_], groups: int,
     present = np.flatnonzero(size)
     order = present[np.argsort(np.bincount(piece, weights=z)[present] / size[present], kind="stable")]
     before = np.cumsum(size[order]) - size[order]
-    group_of = np.zeros(len(size), dtype=np.int8)
+    group_of = np.zeros(len(size), dtype=np.int16)
     group_of[order] = 1 + before * groups // int(before[-1] + size[order[-1]])
-    group = np.zeros(region.shape, dtype=np.int8)
+    group = np.zeros(region.shape, dtype=np.int16)
     group[region] = group_of[piece]
     return group
 

@@ -15,8 +15,8 @@ on it and returns the merges. Per-face work is numpy; the merge loop is per edge
 from __future__ import annotations
 
 import heapq
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.typing import NDArray

@@ -4,11 +4,11 @@ skimage queues every marker voxel at age 0 and breaks ties on (value, age), so a
 the heap's shape decides which goes first, and that shape depends on everything queued. Flooding parts
 of a window on their own (the split of shared components in groups on threads) would then decide such
 ties differently from one flood of the whole window, and the labels would depend on the number of cores;
-on quantized maps (bf16 output, saturated probabilities) such ties are common. Here markers of equal value go in raster order: each is lowered
-by float64 steps below its value, the first in raster order the most. Every step lies below the next float32
-value under it (2**29 float64 steps per float32 step), so no other order changes, and every other voxel
-is queued with a fresh age, as before. Where no two markers share a value (the usual float32 network output)
-skimage's order is this one already and its watershed runs as it is.
+on quantized maps (bf16 output, saturated probabilities) such ties are common. Here markers of equal value
+go in raster order: each is lowered by float64 steps below its value, the first in raster order the most.
+Every step lies below the next float32 value under it (2**29 float64 steps per float32 step), so no other
+order changes, and every other voxel is queued with a fresh age, as before. Where no two markers share a
+value (the usual float32 network output) skimage's order is this one already and its watershed runs as it is.
 """
 
 from __future__ import annotations

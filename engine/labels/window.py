@@ -76,15 +76,16 @@ class HostWindow:
 
     def flood(self, *, boundary: bool, open_background: bool) -> NDArray[np.int32]:
         """The flooded window (after :meth:`place`): boundary models fill every voxel then lose the
-        background (found from the mask, on a thread of its own while the flood runs when ``threads`` > 1); foreground models
-        flood the negated distance inside the interior. Drops the window's arrays as it goes (the window's
-        peak memory)."""
+        background (found from the mask, on a thread of its own while the flood runs when ``threads`` > 1);
+        foreground models flood the negated distance inside the interior. Drops the window's arrays as it
+        goes (the window's peak memory)."""
         assert self.markers is not None, "place() the seeds first"
         image, markers, components = self.image if boundary else -self.distance, self.markers, self.components
         del self.distance, self.markers, self.components  # each array goes as soon as it is done with: the peak
         if not boundary:
             return resolve_components(image, markers, components, threads=self.threads)
-        find_background = partial(background_of, self.mask, sampling=self.sampling, threads=self.threads, open_wide=open_background)
+        find_background = partial(background_of, self.mask, sampling=self.sampling, threads=self.threads,
+                                  open_wide=open_background)
         with ThreadPoolExecutor(1) as pool:
             background = pool.submit(find_background) if self.threads > 1 else None
             resolved = resolve_components(image, markers, components, threads=self.threads)
