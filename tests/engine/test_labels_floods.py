@@ -71,8 +71,9 @@ def test_seeded_watershed_is_skimages_where_no_seeds_tie() -> None:
     assert np.array_equal(seeded_watershed(image, markers, mask), watershed(image, markers, mask=mask))
 
 
-@pytest.mark.parametrize("threads", [2, 3])
-def test_shared_components_split_on_threads_equal_one_flood(monkeypatch, threads: int) -> None:
+@pytest.mark.parametrize("threads, groups", [(2, 2), (3, 3), (16, 2)])
+def test_shared_components_split_on_threads_equal_one_flood(monkeypatch, threads: int, groups: int) -> None:
+    """Grouped = one flood; at most FLOOD_GROUPS groups whatever the threads (3 allowed in one case)."""
     image = _quantized_membranes((48, 48, 48), 5, step=0.1)
     markers, components = _window(image, threshold=0.7, min_dist=2)
     at = markers > 0
@@ -80,9 +81,17 @@ def test_shared_components_split_on_threads_equal_one_flood(monkeypatch, threads
     inside = shared[components]
     assert np.count_nonzero(shared) > 10
     one = flood_pieces(image, markers, inside, components, threads=threads)  # one flood: the box is small
+    floods: list[tuple[int, ...]] = []
+
+    def counted(image, markers, mask):  # noqa: ANN001, ANN202
+        floods.append(image.shape)
+        return seeded_watershed(image, markers, mask)
+
+    monkeypatch.setattr(flood_module, "seeded_watershed", counted)
     monkeypatch.setattr(flood_module, "FLOOD_VOXELS_PER_THREAD", 1000)
+    monkeypatch.setattr(flood_module, "FLOOD_GROUPS", 3 if groups == 3 else flood_module.FLOOD_GROUPS)
     grouped = flood_pieces(image, markers, inside, components, threads=threads)
-    assert np.array_equal(grouped, one)
+    assert len(floods) == groups and np.array_equal(grouped, one)
     assert np.array_equal(one, np.where(inside, seeded_watershed(image, np.where(inside, markers, 0), inside), 0))
 
 
