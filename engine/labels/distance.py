@@ -18,8 +18,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
-    "BACKGROUND_MARGIN", "BACKGROUND_MIN_VOLUME", "BACKGROUND_WIDTH", "EDT_BOUNDS", "available_cores", "background_of", "bounded_distance",
-    "clear_background", "distance_transform", "edt_distance", "is_unit",
+    "BACKGROUND_MARGIN", "BACKGROUND_MIN_VOLUME", "BACKGROUND_WIDTH", "EDT_BOUNDS", "available_cores", "background_of",
+    "bounded_distance", "clear_background", "distance_transform", "edt_distance", "is_unit",
 ]
 
 EDT_BOUNDS = (8, 16)  # isotropic distance transform by bounded shifts first (exact when within the bound)

@@ -29,8 +29,10 @@ from .device import descend as torch_descend
 from .device import run_on
 from .seeded import seeded_watershed
 
-__all__ = ["FLOOD_GROUPS", "FLOOD_VOXELS_PER_THREAD", "box_of", "descend", "fill", "flood", "flood_pieces", "flood_plateaus", "resolve_components",
-           "seat_components", "split_shared"]
+__all__ = [
+    "FLOOD_GROUPS", "FLOOD_VOXELS_PER_THREAD", "box_of", "descend", "fill", "flood", "flood_pieces", "flood_plateaus",
+    "resolve_components", "seat_components", "split_shared",
+]
 
 TIE_BREAK = 1e-9  # rim order among equal boundary probabilities (float32 steps at membrane levels are >= 3e-8)
 FLOOD_VOXELS_PER_THREAD = 1_000_000  # box voxels per thread below which a second flood thread costs more than it saves
@@ -97,9 +99,9 @@ def flood_pieces(image: np.ndarray, seeds: NDArray[np.int32], region: NDArray[np
     No flood crosses from one of ``region``'s face-connected ``pieces`` (ids) to another, so with
     ``threads`` > 1 and a box over :data:`FLOOD_VOXELS_PER_THREAD` voxels per thread the pieces are dealt
     into (at most :data:`FLOOD_GROUPS`) groups by z-centre, each flooded in its own box on a thread of its
-    own (the flood releases the GIL). The labels are those of one flood: every voxel's place in the queue is fixed by its value, then
-    raster order (seeds) or age (the rest), and a piece's voxels keep their relative order in a box of
-    their own (raster order within a box is the volume's).
+    own (the flood releases the GIL). The labels are those of one flood: every voxel's place in the queue
+    is fixed by its value, then raster order (seeds) or age (the rest), and a piece's voxels keep their
+    relative order in a box of their own (raster order within a box is the volume's).
     """
     groups = min(threads, FLOOD_GROUPS, region.size // FLOOD_VOXELS_PER_THREAD)
     if groups < 2:
