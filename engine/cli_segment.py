@@ -69,7 +69,7 @@ def add_segment(sub: argparse._SubParsersAction) -> None:
                        help="typical cell diameter: µm with a voxel size, else xy voxels (default: estimated from the data)")
     scale.add_argument("--rescale", choices=("auto", "off"), default="auto", help="off: run on the input grid as it is")
     big = p.add_argument_group("big stacks (streamed in z-slabs when the working set exceeds the memory limit)")
-    big.add_argument("--memory-limit", type=positive_float, default=None, help="host working-memory budget in GiB (default: 2, at most half the free memory)")
+    big.add_argument("--memory-limit", type=positive_float, default=None, help="host working-memory budget in GiB for the run's buffers (default: 2 less 0.375 for python, torch and the model, at most half the free memory)")
     big.add_argument("--slab-depth", type=positive_int, default=None, help="input planes per z-slab (default: from the memory limit)")
     big.add_argument("--halo", type=count, default=None, help="watershed halo, input planes on each side of a slab (default: max(8, 2*min-dist) at the model's scale)")
     post = p.add_argument_group("post-processing (defaults from the bundle)")

@@ -37,9 +37,9 @@ __all__ = ["DEFAULT_MEMORY_BYTES", "RUNTIME_BYTES", "RunPlan", "SegmentOptions",
 logger = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BYTES = 2 * 2**30
-# What the process holds besides the run's buffers (python, torch, the model): 337-341 MiB resident here after
-# the scale estimate and release_freed_memory(), on a 2-core CPU host.
-RUNTIME_BYTES = 512 * 2**20
+# What the process holds besides the run's buffers (python, torch, the model): 337-341 MiB resident after the
+# scale estimate and release_freed_memory() on 128x1024x1024 stacks (2-core CPU host, torch 2.13 CPU).
+RUNTIME_BYTES = 384 * 2**20
 NETWORK_SHARE = 0.5  # of the budget, for the CPU network's activations and one patch row's accumulators
 LABEL_SHARE = 0.2  # for a labelling window; the full planes it is cut from take at most PLANES_SHARE
 PLANES_SHARE = 0.3
