@@ -6,10 +6,10 @@
 returns a frozen :class:`RunPlan`; :mod:`engine.pipeline` only wires it to the stages and
 :mod:`engine.streaming` only runs them.
 
-Slab sizes: with a memory budget (default :data:`DEFAULT_MEMORY_BYTES`, at most half of the available
-memory), a volume whose whole-volume working set fits is done in one slab. Otherwise the post-processing
-core depth and the number of patch rows per inference group are the largest the budget allows, with
-``halo`` planes on each side of a core for the watershed (default ``max(8, 2 * min_dist)``).
+Slab sizes: with a memory budget (default :data:`DEFAULT_MEMORY_BYTES` less :data:`RUNTIME_BYTES`, at most
+half of the available memory), a volume whose whole-volume working set fits is done in one slab. Otherwise
+the post-processing core depth and the number of patch rows per inference group are the largest the budget
+allows, with ``halo`` planes on each side of a core for the watershed (default ``max(8, 2 * min_dist)``).
 """
 
 from __future__ import annotations
