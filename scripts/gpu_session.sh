@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One prepared device call on a lent GPU host (issues 10 and 11), about 7 minutes:
-#   - two generalist training runs side by side on the one GPU (scripts/train_gpu.sh; lr 5e-4 and 1e-3,
-#     batches of 16, each with a third of the cores making volumes), continued from the shipped weights;
-#     which one ships (if either) is decided afterwards on the validation volumes, not here;
+#   - two generalist training runs side by side on the one GPU (scripts/train_gpu.sh; lr 5e-4, batches of
+#     16, each with a third of the cores making volumes), continued from the shipped weights: one on the
+#     shipped model's data (the control: more steps alone), one on wider data (small cells drawn from 5
+#     voxels and zoomed into the model's range as the engine does, 80% tissue volumes); which one ships
+#     (if either) is decided afterwards on the validation volumes, not here;
 #   - meanwhile: the CUDA equality test of the torch labelling steps, the device labelling benchmark
 #     (benchmarks/labels_device.py), the cost of --tta and the GPU-marked backend tests;
 #   - everything packed into OUT_DIR/results.tar.gz (checkpoints, bundles, logs) plus the logs beside it.
@@ -22,9 +24,10 @@ third=$(( $(nproc) / 3 > 1 ? $(nproc) / 3 : 1 ))
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/env.log" 2>&1
 lscpu | grep -E 'Model name|^CPU\(s\)' >> "$OUT/env.log"
 
-LR=5e-4 BATCH=16 POOL=64 WORKERS=$third scripts/train_gpu.sh "$WORK/lr5e-4" "$SECS" > "$WORK/a.log" 2>&1 &
+LR=5e-4 BATCH=16 POOL=64 WORKERS=$third scripts/train_gpu.sh "$WORK/control" "$SECS" > "$WORK/a.log" 2>&1 &
 A=$!
-LR=1e-3 BATCH=16 POOL=64 WORKERS=$third scripts/train_gpu.sh "$WORK/lr1e-3" "$SECS" > "$WORK/b.log" 2>&1 &
+LR=5e-4 BATCH=16 POOL=64 WORKERS=$third DATA="--p-tissue 0.8 --tissue-diameter 5 30 --p-engine-zoom 0.5" \
+    scripts/train_gpu.sh "$WORK/wide" "$SECS" > "$WORK/b.log" 2>&1 &
 B=$!
 
 {
@@ -47,8 +50,8 @@ B=$!
 
 wait $A; RA=$?
 wait $B; RB=$?
-echo "training exits: lr5e-4 $RA, lr1e-3 $RB" >> "$OUT/checks.log"
+echo "training exits: control $RA, wide data $RB" >> "$OUT/checks.log"
 tail -n 4 "$WORK/a.log" "$WORK/b.log" >> "$OUT/checks.log"
-cp "$WORK/a.log" "$OUT/train_lr5e-4.log"; cp "$WORK/b.log" "$OUT/train_lr1e-3.log"
-tar -C "$WORK" -czf "$OUT/results.tar.gz" lr5e-4 lr1e-3
+cp "$WORK/a.log" "$OUT/train_control.log"; cp "$WORK/b.log" "$OUT/train_wide.log"
+tar -C "$WORK" -czf "$OUT/results.tar.gz" control wide
 cat "$OUT/env.log" "$OUT/checks.log"
