@@ -14,8 +14,8 @@ allows, with ``halo`` planes on each side of a core for the watershed (default `
 
 from __future__ import annotations
 
-import logging
 import ctypes
+import logging
 import math
 from dataclasses import dataclass, replace
 

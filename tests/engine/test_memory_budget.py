@@ -1,0 +1,43 @@
+"""The default memory budget: a constant, so a stack gets the same plan (and cells) on every run."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import SegmentOptions
+
+
+def test_default_memory_budget_is_the_same_whatever_the_process_holds() -> None:
+    """The plan (patch, slabs, so the cells) must not follow the resident set, which varies between runs."""
+    from engine.run_plan import DEFAULT_MEMORY_BYTES, RUNTIME_BYTES, available_memory, memory_budget
+
+    if available_memory() < 2 * DEFAULT_MEMORY_BYTES:
+        pytest.skip("under 4 GiB available: the budget is half of it, which moves as this test allocates")
+    before = memory_budget(SegmentOptions())
+    held = np.ones(256 * 2**20, dtype=np.uint8)  # 256 MiB more resident
+    assert memory_budget(SegmentOptions()) == before == DEFAULT_MEMORY_BYTES - RUNTIME_BYTES
+    del held
+    assert memory_budget(SegmentOptions(memory_limit_gib=1.5)) == int(1.5 * 2**30)  # a given limit is the caller's
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists() or platform.libc_ver()[0] != "glibc",
+                    reason="reads the resident set from Linux /proc; malloc_trim is glibc's")
+def test_release_freed_memory_returns_the_heaps_free_pages() -> None:
+    """Small blocks freed below a live one stay resident until trimmed (the scale estimate leaves such)."""
+    from engine.run_plan import release_freed_memory
+
+    def resident_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    small = [np.ones(1000, dtype=np.uint8) for _ in range(200_000)]  # ~200 MiB on the heap, not mmapped
+    last = np.ones(1000, dtype=np.uint8)  # keeps the heap's top in use, so free() alone cannot shrink it
+    del small
+    held = resident_mib()
+    release_freed_memory()
+    assert resident_mib() < held - 100, "malloc_trim gave back under 100 MiB of ~200 MiB freed"
+    del last
