@@ -104,9 +104,10 @@ def flood_pieces(image: np.ndarray, seeds: NDArray[np.int32], region: NDArray[np
     relative order in a box of their own (raster order within a box is the volume's).
     """
     groups = min(threads, FLOOD_GROUPS, region.size // FLOOD_VOXELS_PER_THREAD)
-    if groups < 2:
+    if groups > 1:
+        group, used = _z_groups(pieces, region, groups)
+    if groups < 2 or len(used) < 2:  # one thread, a small box, or a piece holding most of the voxels
         return seeded_watershed(image, np.where(region, seeds, 0), region)
-    group = _z_groups(pieces, region, groups)
 
     def flood_group(g: int) -> tuple[tuple[slice, ...], NDArray[np.bool_], NDArray[np.int32]]:
         mine = group == g
@@ -114,15 +115,16 @@ def flood_pieces(image: np.ndarray, seeds: NDArray[np.int32], region: NDArray[np
         return box, mine[box], seeded_watershed(image[box], np.where(mine[box], seeds[box], 0), mine[box])
 
     out = np.zeros(region.shape, dtype=np.int32)
-    with ThreadPoolExecutor(groups) as pool:
-        for box, mine, labels in pool.map(flood_group, range(1, groups + 1)):
+    with ThreadPoolExecutor(len(used)) as pool:
+        for box, mine, labels in pool.map(flood_group, used):
             np.copyto(out[box], labels, where=mine, casting="unsafe")
     return out
 
 
-def _z_groups(pieces: NDArray[np.int32], region: NDArray[np.bool_], groups: int, /) -> NDArray[np.int16]:
+def _z_groups(pieces: NDArray[np.int32], region: NDArray[np.bool_], groups: int, /) -> tuple[NDArray[np.int16], list[int]]:
     """Each ``region`` voxel's group ``1..groups`` (0 elsewhere): whole pieces in order of their z-centre,
-    dealt into groups of about equal voxel counts (so each group's box spans about its share of planes)."""
+    dealt into groups of about equal voxel counts (so each group's box spans about its share of planes);
+    and the groups that got voxels (a piece over half the voxels leaves a group empty)."""
     piece = pieces[region]
     z = np.repeat(np.arange(len(region)), np.count_nonzero(region.reshape(len(region), -1), axis=1))  # C order
     size = np.bincount(piece)
@@ -133,7 +135,7 @@ def _z_groups(pieces: NDArray[np.int32], region: NDArray[np.bool_], groups: int,
     group_of[order] = 1 + before * groups // int(before[-1] + size[order[-1]])
     group = np.zeros(region.shape, dtype=np.int16)
     group[region] = group_of[piece]
-    return group
+    return group, np.unique(group_of[order]).tolist()
 
 
 def descend(image: np.ndarray, labels: NDArray[np.int32]) -> tuple[NDArray[np.int32], np.ndarray]:

@@ -95,6 +95,30 @@ def test_shared_components_split_on_threads_equal_one_flood(monkeypatch, threads
     assert np.array_equal(one, np.where(inside, seeded_watershed(image, np.where(inside, markers, 0), inside), 0))
 
 
+def test_a_piece_over_half_the_voxels_leaves_one_group_and_one_flood(monkeypatch) -> None:
+    """Two groups asked for, but the component after a small one holds most of the voxels, so the second
+    group is empty: one flood, as on one thread (the stress evaluation's windows raised IndexError here)."""
+    image = _quantized_membranes((32, 40, 40), 7, step=0.1)
+    region = np.zeros(image.shape, bool)
+    region[1:3, 2:6, 2:6] = True
+    region[8:30, 5:35, 5:35] = True
+    pieces = ndimage.label(region)[0].astype(np.int32)
+    seeds = np.zeros(image.shape, np.int32)
+    seeds[2, 3, 3], seeds[12, 10, 10], seeds[25, 30, 30] = 1, 2, 3
+    floods: list[tuple[int, ...]] = []
+
+    def counted(image, markers, mask):  # noqa: ANN001, ANN202
+        floods.append(image.shape)
+        return seeded_watershed(image, markers, mask)
+
+    monkeypatch.setattr(flood_module, "seeded_watershed", counted)
+    monkeypatch.setattr(flood_module, "FLOOD_VOXELS_PER_THREAD", 1000)
+    got = flood_pieces(image, seeds, region, pieces, threads=2)
+    assert floods == [image.shape]
+    assert np.array_equal(got, np.where(region, seeded_watershed(image, np.where(region, seeds, 0), region), 0))
+    assert set(np.unique(got)) == {0, 1, 2, 3}
+
+
 def test_labels_on_threads_equal_labels_on_one(monkeypatch) -> None:
     """The whole labelling (threaded split, background found beside the flood, faces on threads)."""
     image = _quantized_membranes((40, 48, 48), 4, step=0.05)
