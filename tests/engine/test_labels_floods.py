@@ -47,6 +47,20 @@ def _window(image: np.ndarray, *, threshold: float, min_dist: int) -> tuple[np.n
     return markers, components
 
 
+def _count_floods(monkeypatch) -> list[tuple[int, ...]]:  # noqa: ANN001
+    """The box shape of every flood ``flood_pieces`` runs from now on, with 1000 voxels a thread enough for
+    a group of its own (so the small test windows are split)."""
+    floods: list[tuple[int, ...]] = []
+
+    def counted(image, markers, mask):  # noqa: ANN001, ANN202
+        floods.append(image.shape)
+        return seeded_watershed(image, markers, mask)
+
+    monkeypatch.setattr(flood_module, "seeded_watershed", counted)
+    monkeypatch.setattr(flood_module, "FLOOD_VOXELS_PER_THREAD", 1000)
+    return floods
+
+
 def test_seeds_of_equal_value_go_in_raster_order() -> None:
     flat = np.zeros((1, 1, 5), np.float32)
     mask = np.ones(flat.shape, bool)
@@ -81,14 +95,7 @@ def test_shared_components_split_on_threads_equal_one_flood(monkeypatch, threads
     inside = shared[components]
     assert np.count_nonzero(shared) > 10
     one = flood_pieces(image, markers, inside, components, threads=threads)  # one flood: the box is small
-    floods: list[tuple[int, ...]] = []
-
-    def counted(image, markers, mask):  # noqa: ANN001, ANN202
-        floods.append(image.shape)
-        return seeded_watershed(image, markers, mask)
-
-    monkeypatch.setattr(flood_module, "seeded_watershed", counted)
-    monkeypatch.setattr(flood_module, "FLOOD_VOXELS_PER_THREAD", 1000)
+    floods = _count_floods(monkeypatch)
     monkeypatch.setattr(flood_module, "FLOOD_GROUPS", 3 if groups == 3 else flood_module.FLOOD_GROUPS)
     grouped = flood_pieces(image, markers, inside, components, threads=threads)
     assert len(floods) == groups and np.array_equal(grouped, one)
@@ -105,14 +112,7 @@ def test_a_piece_over_half_the_voxels_leaves_one_group_and_one_flood(monkeypatch
     pieces = ndimage.label(region)[0].astype(np.int32)
     seeds = np.zeros(image.shape, np.int32)
     seeds[2, 3, 3], seeds[12, 10, 10], seeds[25, 30, 30] = 1, 2, 3
-    floods: list[tuple[int, ...]] = []
-
-    def counted(image, markers, mask):  # noqa: ANN001, ANN202
-        floods.append(image.shape)
-        return seeded_watershed(image, markers, mask)
-
-    monkeypatch.setattr(flood_module, "seeded_watershed", counted)
-    monkeypatch.setattr(flood_module, "FLOOD_VOXELS_PER_THREAD", 1000)
+    floods = _count_floods(monkeypatch)
     got = flood_pieces(image, seeds, region, pieces, threads=2)
     assert floods == [image.shape]
     assert np.array_equal(got, np.where(region, seeded_watershed(image, np.where(region, seeds, 0), region), 0))
