@@ -41,13 +41,7 @@ logger = logging.getLogger(__name__)
 MEMORY_MARGIN = 0.8  # use at most this fraction of the free device memory
 MAX_BATCH = 32
 MAX_PATCH_VOXELS = 256**3
-# A patch shrunk to the host memory keeps at least this. The network normalizes its features per patch
-# (GroupNorm), so a patch with no tissue in it stretches noise into texture: on the dome stress volume
-# (tissue with wide empty space around it) 32x64x64 patches left 443 cells in the empty space (F1 0.695),
-# 32x64x128 17, 32x128x128 none (F1 0.842, the bundle's 64x256x256 0.839); on the other stress rows
-# 32x128x128 scored the same or better. It costs the CPU ~10% (64x512x512 membranes, network only: 12.2-12.3 s
-# against 11.0-11.3 s; benchmarks/PERFORMANCE.md).
-MIN_CPU_PATCH = (32, 128, 128)
+MIN_CPU_PATCH = (32, 64, 64)  # a patch shrunk to the host memory keeps at least this (the training crop)
 # Patches per CPU call when the host memory allows: with one patch, torch takes its slow im2col 3D convolution
 # for inputs whose channels x depth x height are under 20480 (aten's use_mkldnn), ~10x slower than oneDNN's.
 CPU_BATCH = 2
