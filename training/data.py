@@ -71,6 +71,7 @@ class DataSettings:
     tissue_z_steps: tuple[int, ...] = (1, 1, 2, 3, 4)
     p_dome: float = 0.3
     p_engine_zoom: float = 0.0
+    p_empty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -128,9 +129,27 @@ def _tissue_volume(seed: int, settings: DataSettings, rng: np.random.Generator) 
     return TrainVolume(image=np.ascontiguousarray(grown, dtype=np.float32), target=target, seed=seed)
 
 
+def _empty_volume(seed: int, settings: DataSettings, rng: np.random.Generator) -> TrainVolume:
+    """A field with no tissue: camera noise (read noise, offset) on a dim haze of 0.5-20 photons that varies
+    slowly across the field, normalized as the engine normalizes a stack, whose percentiles stretch the noise
+    over the whole range; the target is 1 (not cell) everywhere. The network normalizes its features per
+    patch, and fields like this came out as cells: a 64x256x256 stack of camera noise gave 51,321 of them."""
+    shape = settings.volume_shape
+    ramps = np.meshgrid(*(np.linspace(-0.5, 0.5, n, dtype=np.float32) for n in shape), indexing="ij", sparse=True)
+    haze = float(np.exp(rng.uniform(np.log(0.5), np.log(20.0))))
+    level = haze * (1.0 + sum(np.float32(rng.uniform(-0.8, 0.8)) * ramp for ramp in ramps))
+    counts = rng.poisson(np.clip(level, 0.0, None)) + rng.normal(0.0, rng.uniform(1.0, 4.0), shape)
+    raw = np.clip(counts + rng.uniform(0.0, 200.0), 0, 65535).astype(np.uint16)
+    image = normalize(raw[np.newaxis].astype(np.float32), NORMALIZATION)[0]
+    return TrainVolume(image=np.ascontiguousarray(image, dtype=np.float32), target=np.ones(shape, np.uint8), seed=seed)
+
+
 def make_train_volume(seed: int, settings: DataSettings, /) -> TrainVolume:
-    """The training volume for ``seed``: generator and settings are drawn from the seed itself."""
+    """The training volume for ``seed``: generator and settings are drawn from the seed itself (the odds of
+    an empty field are drawn only when ``p_empty`` > 0, so the volumes drawn before that option are unchanged)."""
     rng = np.random.default_rng([seed, 17])
+    if settings.p_empty > 0 and rng.random() < settings.p_empty:
+        return _empty_volume(seed, settings, rng)
     if settings.p_tissue > 0 and rng.random() < settings.p_tissue:
         return _tissue_volume(seed, settings, rng)
     diameter = float(rng.uniform(*settings.diameter))

@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--p-engine-zoom", type=float, default=0.0,
                         help="odds that a tissue volume whose cells lie outside the model's diameter range is zoomed "
                              "into it as the engine zooms (small cells grown). Default: %(default)s")
+    parser.add_argument("--p-empty", type=float, default=0.0,
+                        help="fraction of training volumes that are empty fields (camera noise, target: no cell). Default: %(default)s")
     parser.add_argument("--save-every", type=int, default=100, help="Default: %(default)s")
     parser.add_argument("--log-every", type=int, default=25, help="Default: %(default)s")
     return parser
@@ -419,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          pool_size=args.pool_size, bf16=not args.no_bf16, threads=args.threads, device=args.device,
                          workers=args.workers, time_limit_s=args.time_limit)
-    settings = DataSettings(p_tissue=args.p_tissue, tissue_diameter=tuple(args.tissue_diameter), p_engine_zoom=args.p_engine_zoom)
+    settings = DataSettings(p_tissue=args.p_tissue, tissue_diameter=tuple(args.tissue_diameter), p_engine_zoom=args.p_engine_zoom,
+                            p_empty=args.p_empty)
     state = train(config, settings, args.checkpoint, save_every=args.save_every, log_every=args.log_every,
                   init=args.init)
     command = "python -m training.train_default " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -1,7 +1,9 @@
-"""Training volumes: small cells grown into the model's diameter range (``--p-engine-zoom``)."""
+"""Training volumes: small cells grown into the model's diameter range (``--p-engine-zoom``); empty fields
+(``--p-empty``)."""
 
 from __future__ import annotations
 
+import numpy as np
 from scipy import ndimage
 
 from engine.bundle import load_bundle
@@ -35,3 +37,14 @@ def test_cells_inside_the_model_range_are_not_zoomed() -> None:
 
 def test_the_zoom_targets_the_shipped_model_range() -> None:
     assert tuple(load_bundle().cell_diameter_voxels) == MODEL_DIAMETER
+
+
+def test_empty_fields_are_normalized_noise_with_no_cell() -> None:
+    """An empty field's target is 'not cell' everywhere, and its noise is stretched over the range as the
+    engine's percentile normalization stretches a stack with nothing in it."""
+    for seed in (3, 4):
+        vol = make_train_volume(seed, DataSettings(volume_shape=SHAPE, p_empty=1.0))
+        assert vol.image.shape == SHAPE and vol.target.shape == SHAPE and np.all(vol.target == 1)
+        low, high = np.percentile(vol.image, [1.0, 99.8])
+        assert abs(low) < 0.02 and abs(high - 1.0) < 0.02
+        assert make_train_volume(seed, DataSettings(volume_shape=SHAPE)).target.min() == 0  # cells without the option
