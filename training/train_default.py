@@ -211,6 +211,8 @@ class _Progress:
     next_seed: int
     history: list[list[int]]  # [first step, --steps] of each (re)started run
     init: Path | None
+    machine: str = ""  # where the last step ran, and whether in bf16 (a rerun that only writes the bundle keeps them)
+    bf16: bool | None = None
 
 
 def _start(config: TrainConfig, checkpoint: Path, init: Path | None, *, model: torch.nn.Module,
@@ -226,6 +228,7 @@ def _start(config: TrainConfig, checkpoint: Path, init: Path | None, *, model: t
             state["step"], state["elapsed_s"], list(state["losses"]), list(state["pool_seeds"]), state["next_seed"],
             list(state.get("history", [[0, json.loads(state["config"])["steps"]]])),
             Path(state["init"]) if state.get("init") else None,
+            state.get("machine", ""), state.get("bf16"),
         )
         rng.bit_generator.state = json.loads(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])
@@ -234,6 +237,12 @@ def _start(config: TrainConfig, checkpoint: Path, init: Path | None, *, model: t
         _init_weights(model, init)
     progress.history.append([progress.step, config.steps])
     return progress
+
+
+def machine_name(device: torch.device) -> str:
+    """The host (cores, CPU, native bf16), torch and the GPU if one trains: what a step's time depends on."""
+    name = f"{os.cpu_count()}-core {platform.processor() or platform.machine()} (native bf16: {cpu_has_native_bf16()}), torch {torch.__version__}"
+    return name + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
 
 
 def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, crops: list, *, lr: float,
@@ -267,6 +276,7 @@ def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
     run = _start(config, checkpoint, init, model=model, optimizer=optimizer, rng=rng)
+    start_step = run.step
     feed = _VolumeFeed(settings, config.workers)
     made = {s: feed.get(s) for s in sorted(run.pool_seeds)}
     pool = [made.pop(s) for s in run.pool_seeds]
@@ -277,7 +287,9 @@ def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save
             "step": run.step, "elapsed_s": run.elapsed, "losses": run.losses, "pool_seeds": run.pool_seeds,
             "next_seed": run.next_seed, "numpy_rng": json.dumps(rng.bit_generator.state),
             "torch_rng": torch.get_rng_state(), "config": json.dumps(dataclasses.asdict(config)),
-            "bf16": bf16, "history": run.history, "init": str(run.init) if run.init is not None else "",
+            "bf16": bf16 if run.step > start_step else run.bf16, "history": run.history,
+            "machine": machine_name(device) if run.step > start_step else run.machine,
+            "init": str(run.init) if run.init is not None else "",
         }
 
     def done() -> bool:
@@ -358,8 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "init": state["init"] or None,
         "wall_time_s": round(state["elapsed_s"], 1),
         "final_loss": state["losses"][-1][1] if state["losses"] else None,
-        "machine": f"{os.cpu_count()}-core {platform.processor() or platform.machine()} (native bf16: {cpu_has_native_bf16()}), torch {torch.__version__}"
-                   + (f", {torch.cuda.get_device_name()}" if config.device.startswith("cuda") else ""),
+        "machine": state["machine"] or "not recorded (a checkpoint from before machines were recorded, resumed with no step run)",
     }
     old = None
     if (args.bundle_out / "bundle.json").exists():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from training.data import DataSettings
-from training.train_default import TrainConfig, train
+from training.train_default import TrainConfig, machine_name, train
 
 SETTINGS = DataSettings(volume_shape=(36, 72, 72), crop_shape=(16, 32, 32), p_tissue=0.5)
 
@@ -39,3 +39,14 @@ def test_time_limit_stops_the_run_and_keeps_its_checkpoint(tmp_path) -> None:
     config = TrainConfig(steps=50, batch_size=1, pool_size=1, threads=1, bf16=False, time_limit_s=1e-3)
     state = train(config, SETTINGS, tmp_path / "timed.pt", save_every=100, log_every=100)
     assert state["step"] == 1 and torch.load(tmp_path / "timed.pt", weights_only=True)["step"] == 1
+
+
+def test_a_rerun_with_no_step_left_keeps_the_machine_that_trained(tmp_path) -> None:
+    """Rerunning a finished command only writes the bundle: the record must name the machine (and bf16)
+    of the run that made the steps, not the one that reran it."""
+    trained = _run(tmp_path, "done", steps=2, workers=0)
+    assert trained["machine"] == machine_name(torch.device("cpu")) and trained["bf16"] is False
+    state = torch.load(tmp_path / "done.pt", weights_only=True)
+    torch.save({**state, "machine": "2-core elsewhere (native bf16: True)", "bf16": True}, tmp_path / "done.pt")
+    rerun = _run(tmp_path, "done", steps=2, workers=0)
+    assert rerun["step"] == 2 and rerun["machine"] == "2-core elsewhere (native bf16: True)" and rerun["bf16"] is True
