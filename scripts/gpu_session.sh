@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One prepared device call on a lent GPU host (issues 10 and 11), about 7 minutes:
 #   - two generalist training runs side by side on the one GPU (scripts/train_gpu.sh; lr 5e-4, batches of
-#     16, each with a third of the cores making volumes), continued from the shipped weights: one on the
-#     shipped model's data (the control: more steps alone), one on wider data (small cells drawn from 5
-#     voxels and zoomed into the model's range as the engine does, 80% tissue volumes, 5% empty fields of
-#     camera noise: small patches with no tissue came out as cells); which one ships
+#     16, each with a third of the cores making volumes), continued from the shipped weights (stage 6): one
+#     on stage 6's data (the control: more steps alone; 70% tissue volumes, 10% empty fields of camera
+#     noise), one on wider data (small cells drawn from 5 voxels and zoomed into the model's range as the
+#     engine does, 80% tissue volumes, 5% empty fields); which one ships
 #     (if either) is decided afterwards on the validation volumes, not here;
 #   - meanwhile: the CUDA equality test of the torch labelling steps, the device labelling benchmark
 #     (benchmarks/labels_device.py), the cost of --tta and the GPU-marked backend tests;
@@ -25,7 +25,7 @@ third=$(( $(nproc) / 3 > 1 ? $(nproc) / 3 : 1 ))
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/env.log" 2>&1
 lscpu | grep -E 'Model name|^CPU\(s\)' >> "$OUT/env.log"
 
-LR=5e-4 BATCH=16 POOL=64 WORKERS=$third scripts/train_gpu.sh "$WORK/control" "$SECS" > "$WORK/a.log" 2>&1 &
+LR=5e-4 BATCH=16 POOL=64 WORKERS=$third DATA="--p-tissue 0.7 --p-empty 0.1" scripts/train_gpu.sh "$WORK/control" "$SECS" > "$WORK/a.log" 2>&1 &
 A=$!
 LR=5e-4 BATCH=16 POOL=64 WORKERS=$third DATA="--p-tissue 0.8 --tissue-diameter 5 30 --p-engine-zoom 0.5 --p-empty 0.05" \
     scripts/train_gpu.sh "$WORK/wide" "$SECS" > "$WORK/b.log" 2>&1 &
