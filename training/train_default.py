@@ -276,7 +276,7 @@ def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
     run = _start(config, checkpoint, init, model=model, optimizer=optimizer, rng=rng)
-    start_step = run.step
+    machine = machine_name(device)
     feed = _VolumeFeed(settings, config.workers)
     made = {s: feed.get(s) for s in sorted(run.pool_seeds)}
     pool = [made.pop(s) for s in run.pool_seeds]
@@ -287,8 +287,7 @@ def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save
             "step": run.step, "elapsed_s": run.elapsed, "losses": run.losses, "pool_seeds": run.pool_seeds,
             "next_seed": run.next_seed, "numpy_rng": json.dumps(rng.bit_generator.state),
             "torch_rng": torch.get_rng_state(), "config": json.dumps(dataclasses.asdict(config)),
-            "bf16": bf16 if run.step > start_step else run.bf16, "history": run.history,
-            "machine": machine_name(device) if run.step > start_step else run.machine,
+            "bf16": run.bf16, "machine": run.machine, "history": run.history,
             "init": str(run.init) if run.init is not None else "",
         }
 
@@ -308,6 +307,7 @@ def train(config: TrainConfig, settings: DataSettings, checkpoint: Path, *, save
             raise FloatingPointError(f"loss is {loss} at step {run.step}; lower --lr or use --no-bf16")
         window.append(loss)
         run.step += 1
+        run.machine, run.bf16 = machine, bf16
         run.elapsed = time.perf_counter() - started
         if run.step % log_every == 0 or done():
             run.losses.append([run.step, float(np.mean(window))])
