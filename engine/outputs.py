@@ -41,7 +41,7 @@ class RunOutputs:
         """The label store (on the grid the run labels on: ``grid``'s model grid, else the input's) and the
         probability sink ``write(z0, chunk)`` (or None) for a ``(K, Z, Y, X)`` map on the input grid."""
         in_memory = self.output_path is None or not streamed
-        if in_memory:
+        if self.output_path is None or (in_memory and self.prob_path is not None):  # asked for: segment(), prob_path
             self.probs = np.empty(shape, dtype=np.float32)
         if self.prob_path is not None and self.output_path is not None:
             self.prob_writer = ProbabilityWriter(self.prob_path, shape=shape, voxel_size_um=self.voxel)

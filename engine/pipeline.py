@@ -47,6 +47,8 @@ class SegmentResult:
     When ``segment_file`` streamed the volume (``report.n_slabs > 1``) nothing volume-sized is held in
     memory: ``labels`` is a read-only ``numpy.memmap`` over a temporary file (deleted when the array is
     garbage collected) and ``probabilities`` is None (ask for ``prob_path`` to get them on disk).
+    ``segment_file`` returns the probabilities only when it wrote them (``prob_path``) in one slab: a file
+    run keeps no float copy of the volume it was not asked for (on a GPU they never leave the device).
     ``segment`` always returns both in memory.
     """
 

@@ -7,9 +7,9 @@ volume):
    normalizes them with statistics taken over the whole volume beforehand;
 2. the calling thread runs the network over the global patch plan, one group of patch rows at a time
    (:func:`engine.tiling.sliding_window_slabs`), blending on the backend's device and passing on each run
-   of final probability planes;
+   of final probability planes (on a GPU as tensors there: they reach the host only for a probability output);
 3. a post-processing thread writes the probabilities (if wanted) and labels finished cores
-   (:class:`engine.labels.SlabLabeler`), storing provisional labels.
+   (:class:`engine.labels.SlabLabeler`, where the planes lie), storing provisional labels.
 
 The slab sizes come from the run plan (:func:`engine.run_plan.plan_slabs`); this module only runs the threads.
 """
@@ -229,7 +229,7 @@ def stream(
             z0, probs = item
             start = time.perf_counter()
             if write_probs is not None:
-                write_probs(z0, probs)
+                write_probs(z0, probs.cpu().numpy() if isinstance(probs, torch.Tensor) else probs)
             tracker.voxels(labeler.push(z0, probs))
             timings.add("postprocess", time.perf_counter() - start)
 
@@ -243,7 +243,7 @@ def stream(
     if device.type == "cpu":  # while the network runs there its threads take every core: label on one
         labeler.threads = 1
 
-    def emit(item: tuple[int, np.ndarray]) -> None:
+    def emit(item: tuple[int, np.ndarray | torch.Tensor]) -> None:
         if item[0] + item[1].shape[1] >= labeler.shape[0]:  # the network's last planes: label the rest on every core
             labeler.threads = labelling_threads
         pipe.put(outputs, item)
@@ -272,7 +272,7 @@ def _infer(
     device: torch.device,
     tracker: ProgressTracker,
     timings: StreamTimings,
-    emit: Callable[[tuple[int, np.ndarray]], None],
+    emit: Callable[[tuple[int, np.ndarray | torch.Tensor]], None],
 ) -> None:
     """Inference on the calling thread; the time spent waiting on the other stages is not counted."""
     waited = 0.0
@@ -290,9 +290,11 @@ def _infer(
     )
     start = time.perf_counter()
     for z0, probs in slabs:
-        host = probs.cpu().numpy().copy() if probs.device.type == "cpu" else probs.cpu().numpy()
+        # on a GPU the planes stay there for the labeller (only labels come back); a host copy is made only
+        # for a probability output (the postprocessor's sink)
+        planes = probs.numpy().copy() if probs.device.type == "cpu" else probs.contiguous()
         before = time.perf_counter()
-        emit((z0, host))
+        emit((z0, planes))
         waited += time.perf_counter() - before
     timings.add("infer", max(0.0, time.perf_counter() - start - waited))
 

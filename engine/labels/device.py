@@ -327,15 +327,18 @@ def _pair_faces(a: torch.Tensor, b: torch.Tensor, pa: torch.Tensor, pb: torch.Te
 
 
 @torch.no_grad()
-def faces(core: torch.Tensor, boundary: torch.Tensor, /) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The region adjacency faces inside a labelled piece, one row per touching pair, as ``EdgeTable.add_piece``.
+def faces(core: torch.Tensor, boundary: torch.Tensor, /, *, axes: tuple[int, ...] = (0, 1, 2)
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The region adjacency faces inside a labelled piece, one row per touching pair, as ``EdgeTable.add_piece``
+    (``axes=(0,)`` on two planes: as ``EdgeTable.add_between``).
 
-    Every face between two face-neighbouring voxels of different non-zero ids along z, y and x counts once,
+    Every face between two face-neighbouring voxels of different non-zero ids along ``axes`` counts once,
     with the mean of the two voxels' boundary values (in float64). Rows are sorted by ``(u, v)``.
 
     Args:
         core: ``(Z, Y, X)`` integer ids ``0..2**32 - 1`` (0 = none), any device.
         boundary: ``(Z, Y, X)`` floating boundary probability, same device.
+        axes: the axes whose faces count.
 
     Returns:
         ``u < v`` (int64), the sum of their face values (float64) and the number of faces (int64), each
@@ -348,7 +351,7 @@ def faces(core: torch.Tensor, boundary: torch.Tensor, /) -> tuple[torch.Tensor, 
     if core.dtype not in (torch.int32, torch.int64):
         core = core.long()  # comparisons on narrow and unsigned ids: not every device has their kernels
     parts = []
-    for axis in range(3):
+    for axis in axes:
         n = core.shape[axis]
         if n < 2:
             continue
@@ -369,15 +372,15 @@ def faces(core: torch.Tensor, boundary: torch.Tensor, /) -> tuple[torch.Tensor, 
 
 
 def run_on(device: torch.device | None, step: Callable[..., tuple[torch.Tensor, ...]], /,
-           *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+           *arrays: np.ndarray | torch.Tensor) -> tuple[np.ndarray, ...]:
     """``step`` (one of the functions above) on ``device`` (the CPU when None) with ``arrays`` as tensors
-    there; its tensors come back as host arrays. A GPU out of memory (the network may hold most of it) runs
-    the step on the CPU instead, with a warning."""
-    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+    there (a tensor already there stays); its tensors come back as host arrays. A GPU out of memory (the
+    network may hold most of it) runs the step on the CPU instead, with a warning."""
+    tensors = [a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
     if device is not None and device.type != "cpu":
         try:
             return tuple(t.cpu().numpy() for t in step(*(t.to(device) for t in tensors)))
         except torch.cuda.OutOfMemoryError:
             logger.warning("labelling: %s out of memory for %s over %d voxels; running it on the CPU",
-                           device, getattr(step, "__name__", "a step"), arrays[0].size)
-    return tuple(t.numpy() for t in step(*tensors))
+                           device, getattr(step, "__name__", "a step"), tensors[0].numel())
+    return tuple(t.numpy() for t in step(*(t.cpu() for t in tensors)))

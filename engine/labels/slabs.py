@@ -31,9 +31,11 @@ Exactness, method by method:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import cc3d
 import numpy as np
@@ -41,7 +43,7 @@ import torch
 from numpy.typing import NDArray
 
 from ..bundle import OutputSpec, PostprocessSpec
-from .device import faces, run_on
+from .device import connected_components, faces, run_on
 from .distance import available_cores
 from .graph import EdgeTable, agglomerate
 from .seeds import interior_mask
@@ -50,6 +52,8 @@ from .union_find import UnionFind
 from .window import open_window
 
 __all__ = ["FileLabelStore", "FinalLabels", "MemoryLabelStore", "SlabLabeler", "label_cells"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,8 @@ class SlabLabeler:
             the flood, the region graph's faces; None: every core). An attribute: the streamed pipeline sets
             it to 1 while the network runs on the CPU. The labels are the same for any number.
         device: the backend's device (None: the CPU); on a GPU each window's array steps
-            (:class:`.window.DeviceWindow`) and the region graph's faces run there.
+            (:class:`.window.DeviceWindow`) and the region graph's faces run there. Planes pushed as tensors
+            are labelled on their own device whatever this says (a GPU run pushes them so: :meth:`push`).
         open_background: clear the opening of wide background regions (:func:`.distance.clear_background`);
             False: only their far voxels (a raw membrane image used as the boundary map, where wide
             not-interior regions are bright membranes rather than background).
@@ -168,15 +173,22 @@ class SlabLabeler:
     def _core(self, k: int) -> tuple[int, int]:
         return (self.ends[k - 1] if k else 0), self.ends[k]
 
-    def push(self, z0: int, probs: NDArray[np.float32], /) -> int:
+    def push(self, z0: int, probs: NDArray[np.float32] | torch.Tensor, /) -> int:
         """Add planes ``[z0, z0 + n)`` of the ``(K, n, Y, X)`` probabilities; label every core now complete.
+
+        A tensor stays on its device, and the windows and faces of its planes are computed there (a GPU
+        run's probabilities never come to the host whole: :mod:`.window`).
 
         Returns:
             Voxels labelled by this call (finished cores).
         """
         if z0 != self._received:
             raise ValueError(f"planes must arrive in order: expected z0={self._received}, got {z0}")
-        self._chunks.append((z0, np.ascontiguousarray(probs[self.output.channel], dtype=np.float32)))
+        channel = probs[self.output.channel]
+        if isinstance(channel, torch.Tensor):
+            self._chunks.append((z0, channel.to(torch.float32).contiguous()))
+        else:
+            self._chunks.append((z0, np.ascontiguousarray(channel, dtype=np.float32)))
         self._received = z0 + probs.shape[1]
         done = 0
         while self.cores_done < self.n_cores:
@@ -189,11 +201,19 @@ class SlabLabeler:
             self._drop_planes_below(c1 - self.halo)
         return done
 
-    def _planes(self, a: int, b: int, ys: slice = slice(None), xs: slice = slice(None)) -> NDArray[np.float32]:
+    def _planes(self, a: int, b: int, ys: slice = slice(None), xs: slice = slice(None)) -> NDArray[np.float32] | torch.Tensor:
         """Planes ``[a, b)`` of the boundary channel, rows ``ys`` and columns ``xs``, cut from the chunks that
         hold them (a view when one chunk holds them all; a window of a tile is never copied as whole planes)."""
         parts = [chunk[max(a, z) - z : b - z, ys, xs] for z, chunk in self._chunks if z < b and z + len(chunk) > a]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(parts) == 1:
+            return parts[0]
+        if not isinstance(parts[0], torch.Tensor):
+            return np.concatenate(parts)
+        try:
+            return torch.cat(parts)
+        except torch.cuda.OutOfMemoryError:  # this window on the host (open_window sends it back up if it can)
+            logger.warning("labelling: %s out of memory joining planes %d-%d; taking them to the host", parts[0].device, a, b)
+            return np.concatenate([p.cpu().numpy() for p in parts])
 
     def _drop_planes_below(self, z: int) -> None:
         self._chunks = [(z0, c) for z0, c in self._chunks if z0 + len(c) > z]
@@ -212,7 +232,12 @@ class SlabLabeler:
         self.store.write(c0, core)
 
     def _components(self, c0: int, c1: int) -> NDArray[np.uint32]:
-        labels = cc3d.connected_components(interior_mask(self._planes(c0, c1), self.output.kind, self.spec.threshold), connectivity=6)
+        mask = interior_mask(self._planes(c0, c1), self.output.kind, self.spec.threshold)
+        if isinstance(mask, torch.Tensor):  # the same numbering as cc3d's, where the planes lie
+            labels = connected_components(mask).cpu().numpy()
+        else:
+            labels = cc3d.connected_components(mask, connectivity=6)
+        del mask
         n = int(labels.max())
         lut = np.concatenate([[0], self.ids.add(n)]).astype(np.uint32)  # ids < 2**32 (UnionFind checks)
         core = lut[labels]
@@ -236,7 +261,7 @@ class SlabLabeler:
         h = self.halo_xy
         for y0, y1, x0, x1 in self._tiles():
             wy0, wx0 = max(0, y0 - h), max(0, x0 - h)
-            window = np.ascontiguousarray(self._planes(w0, w1, slice(wy0, y1 + h), slice(wx0, x1 + h)))
+            window = _contiguous(self._planes(w0, w1, slice(wy0, y1 + h), slice(wx0, x1 + h)))
             block = _Block(c0, c1, y0, y1, x0, x1, origin=np.array([w0, wy0, wx0], dtype=np.int64))
             core[:, y0:y1, x0:x1] = self._watershed_block(window, block)
         self._registry = self._registry[:, self._registry[0] >= c1 - self.halo]
@@ -275,16 +300,23 @@ class SlabLabeler:
     def _add_edges(self, edges: EdgeTable, core: NDArray[np.uint32], c0: int, /, *, planes: int = 16) -> None:
         """The faces of the core starting at plane ``c0``, and those to the plane before it, into the region
         graph, ``planes`` planes at a time (their boundary planes cut from the chunks, never the whole core's);
-        on the backend's GPU when there is one (numpy is as fast on a CPU)."""
+        where the planes lie when they are tensors, else on the backend's GPU when there is one (numpy is as
+        fast on a CPU)."""
         for a in range(0, len(core), planes):
             labels, boundary = core[a : a + planes], self._planes(c0 + a, c0 + min(len(core), a + planes))
-            if self.device is not None and self.device.type != "cpu":
-                edges.add_faces(*run_on(self.device, faces, labels, boundary))
+            on = boundary.device if isinstance(boundary, torch.Tensor) else self.device
+            if isinstance(boundary, torch.Tensor) or (on is not None and on.type != "cpu"):
+                boundary = torch.as_tensor(boundary)
+                edges.add_faces(*run_on(on, faces, labels, boundary))
+                if self._edge_plane is not None:
+                    below, below_p = self._edge_plane
+                    between = partial(faces, axes=(0,))
+                    edges.add_faces(*run_on(on, between, np.stack([below, labels[0]]), torch.stack([torch.as_tensor(below_p), boundary[0]])))
             else:
                 edges.add_piece(labels, boundary, threads=self.threads or available_cores())
-            if self._edge_plane is not None:
-                edges.add_between(self._edge_plane[0], self._edge_plane[1], labels[0], boundary[0])
-            self._edge_plane = (labels[-1].copy(), boundary[-1].copy())
+                if self._edge_plane is not None:
+                    edges.add_between(self._edge_plane[0], self._edge_plane[1], labels[0], boundary[0])
+            self._edge_plane = (labels[-1].copy(), boundary[-1].clone() if isinstance(boundary, torch.Tensor) else boundary[-1].copy())
 
     def _merge_regions(self, edges: EdgeTable, threshold: float) -> None:
         """Average-linkage agglomeration over the whole volume's region graph (ids joined across cores)."""
@@ -337,8 +369,13 @@ class SlabLabeler:
         return FinalLabels(lut=final_of_root[roots], n_cells=int(keep.sum()))
 
 
+def _contiguous(planes: NDArray[np.float32] | torch.Tensor) -> NDArray[np.float32] | torch.Tensor:
+    """Host or device planes, contiguous (a copy only when they are not)."""
+    return planes.contiguous() if isinstance(planes, torch.Tensor) else np.ascontiguousarray(planes)
+
+
 def label_cells(
-    probs: NDArray[np.float32],
+    probs: NDArray[np.float32] | torch.Tensor,
     /,
     *,
     output: OutputSpec,
@@ -351,7 +388,7 @@ def label_cells(
     """Label cells in a whole probability map: the one-core case of :class:`SlabLabeler`.
 
     Args:
-        probs: ``(K, Z, Y, X)`` float32 network output on the host.
+        probs: ``(K, Z, Y, X)`` float32 network output on the host, or a tensor (labelled on its device).
         output: what the channels mean.
         spec: method, threshold, min_dist, label_threshd, merging.
         sampling: voxel size ``(z, y, x)`` in the units of ``spec.min_dist`` (the model's voxels, see

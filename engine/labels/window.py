@@ -8,8 +8,9 @@ the flood and the background. :class:`HostWindow` runs it with numpy, cc3d, edt 
 ran, and gives the same labels (the tests compare them on the CPU). What a device hands back is labels,
 seed points and boxes of integer ids; the host keeps what has no array form: the flood splitting the
 interior components that hold several seeds and the flood of plateaus, each in the box around them (on
-the default model's output 14% and 0.3% of a window's voxels), the thinning of seeds, and the background
-clearing (on the labels and mask). The float window goes to the device once; no float volume comes back.
+the default model's output 14% and 0.3% of a window's voxels: only those boxes' probabilities come to the
+host), the thinning of seeds, and the background clearing (on the labels and mask). A GPU run's
+probabilities arrive here as tensors on the GPU (:mod:`engine.streaming`); a host array goes up once.
 """
 
 from __future__ import annotations
@@ -103,10 +104,11 @@ class DeviceWindow:
     back, the device's tensors let go) and every later step runs there.
     """
 
-    def __init__(self, image: NDArray[np.float32], /, *, kind: str, threshold: float, sampling: Sequence[float] | None,
-                 threads: int, device: torch.device) -> None:
-        self.image, self.sampling, self.threads, self.device = image, sampling, threads, device
-        self.image_t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    def __init__(self, image: NDArray[np.float32] | torch.Tensor, /, *, kind: str, threshold: float,
+                 sampling: Sequence[float] | None, threads: int, device: torch.device) -> None:
+        self.sampling, self.threads, self.device = sampling, threads, device
+        self.image_t = (image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))).to(device)
+        self.shape = tuple(self.image_t.shape)
         self.mask_t = interior_mask(self.image_t, kind, threshold)
         self.distance_t = self._distance(self.mask_t)
         self.components_t = dev.connected_components(self.mask_t)
@@ -131,12 +133,12 @@ class DeviceWindow:
                 return step()
             except torch.cuda.OutOfMemoryError:  # handled below, once the traceback (and its tensors) are gone
                 logger.warning("labelling: %s out of memory for %s in a %s window; finishing the window on the host",
-                               self.device, what, "x".join(map(str, self.image.shape)))
+                               self.device, what, "x".join(map(str, self.shape)))
             self._host = self._to_host()
         return on_host(self._host)
 
     def _to_host(self) -> HostWindow:
-        host = HostWindow(self.image, self.mask_t.cpu().numpy(), self.distance_t.cpu().numpy(),
+        host = HostWindow(self.image_t.cpu().numpy(), self.mask_t.cpu().numpy(), self.distance_t.cpu().numpy(),
                           self.components_t.cpu().numpy(), sampling=self.sampling, threads=self.threads)
         if self.markers_t is not None:
             host.markers, host.n_markers = self.markers_t.cpu().numpy(), self.n_markers
@@ -187,19 +189,23 @@ class DeviceWindow:
     def _flood(self, *, boundary: bool, open_background: bool) -> NDArray[np.int32]:
         if not boundary:
             return self._resolve(lambda box: (-self.distance_t[box]).cpu().numpy()).cpu().numpy()
-        resolved = self._resolve(lambda box: self.image[box])
+        resolved = self._resolve(self._image_box)
         if bool((resolved == 0).any()):
             descended, reached = dev.descend(self.image_t, resolved)
             rest = descended == 0
             if bool(rest.any()):
                 box = _box(rest, margin=1)
                 parts = (t[box].cpu().numpy() for t in (resolved, descended, reached))
-                descended[box] = torch.from_numpy(flood_plateaus(self.image[box], *parts)).to(self.device)
+                descended[box] = torch.from_numpy(flood_plateaus(self._image_box(box), *parts)).to(self.device)
             resolved = descended
         flooded = resolved.cpu().numpy()
         clear_background(flooded, self.mask_t.cpu().numpy(), sampling=self.sampling, threads=self.threads,
                          open_wide=open_background)
         return flooded
+
+    def _image_box(self, box: Box) -> NDArray[np.float32]:
+        """The probabilities in ``box`` on the host, for the floods that run there (only their boxes come back)."""
+        return self.image_t[box].cpu().numpy()
 
     def _resolve(self, image_box: Callable[[Box], np.ndarray]) -> torch.Tensor:
         """:func:`engine.labels.flood.resolve_components` with the components' lookups on the device and the
@@ -227,17 +233,21 @@ def _box(mask: torch.Tensor, /, *, margin: int = 0) -> Box:
     return tuple(box)
 
 
-def open_window(image: NDArray[np.float32], /, *, kind: str, threshold: float, sampling: Sequence[float] | None,
-                threads: int, device: torch.device | None, min_dist: int) -> tuple[HostWindow | DeviceWindow, NDArray[np.intp]]:
-    """The window and its own seed candidates: on ``device`` when it is not the CPU (there numpy measured
-    faster), on the host when it is, or when the device runs out of memory."""
+def open_window(image: NDArray[np.float32] | torch.Tensor, /, *, kind: str, threshold: float,
+                sampling: Sequence[float] | None, threads: int, device: torch.device | None,
+                min_dist: int) -> tuple[HostWindow | DeviceWindow, NDArray[np.intp]]:
+    """The window and its own seed candidates. A tensor is labelled where it lies (a GPU run's probabilities
+    stay on the GPU; a CPU tensor takes the same path, which the tests use); a host array on ``device`` when
+    that is not the CPU (there numpy measured faster), else on the host. A device out of memory: the host."""
     window: HostWindow | DeviceWindow | None = None
-    if device is not None and device.type != "cpu":
+    on = image.device if isinstance(image, torch.Tensor) else device
+    if on is not None and (on.type != "cpu" or isinstance(image, torch.Tensor)):
         try:
-            window = DeviceWindow(image, kind=kind, threshold=threshold, sampling=sampling, threads=threads, device=device)
+            window = DeviceWindow(image, kind=kind, threshold=threshold, sampling=sampling, threads=threads, device=on)
         except torch.cuda.OutOfMemoryError:
-            logger.warning("labelling: %s out of memory for a %s window; labelling it on the host", device,
+            logger.warning("labelling: %s out of memory for a %s window; labelling it on the host", on,
                            "x".join(map(str, image.shape)))
     if window is None:
-        window = HostWindow.compute(image, kind=kind, threshold=threshold, sampling=sampling, threads=threads)
+        host = image.cpu().numpy() if isinstance(image, torch.Tensor) else image
+        window = HostWindow.compute(host, kind=kind, threshold=threshold, sampling=sampling, threads=threads)
     return window, window.peaks(min_dist)

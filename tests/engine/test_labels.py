@@ -176,3 +176,5 @@ def test_labelling_on_cuda_equals_the_host_labelling() -> None:
     spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=3, label_threshd=5, merge_threshold=0.5)
     want = label_cells(probs, output=BOUNDARY, spec=spec)
     assert np.array_equal(label_cells(probs, output=BOUNDARY, spec=spec, device=torch.device("cuda")), want)
+    on_gpu = torch.from_numpy(probs).cuda()  # a GPU run's planes: labelled where they lie
+    assert np.array_equal(label_cells(on_gpu, output=BOUNDARY, spec=spec), want)

@@ -3,7 +3,8 @@
 ``DeviceWindow`` is made on the CPU's torch here (the engine picks it only for a GPU; the CUDA run is
 ``test_labels.py::test_labelling_on_cuda_equals_the_host_labelling``, skipped without one): boundary and foreground maps, anisotropic sampling (distances by edt on
 the host), saturated maps (plateaus flooded on the host), registered seed points, whole volumes and slabs
-in xy tiles through the slab labeller, and a device that runs out of memory mid-window.
+in xy tiles through the slab labeller fed tensors, and a device that runs out of memory mid-window or
+joining a window's planes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from slab_helpers import membrane_probs, nuclei_probs
 
 from engine.bundle import OutputSpec, PostprocessSpec
-from engine.labels import MemoryLabelStore, SlabLabeler
+from engine.labels import MemoryLabelStore, SlabLabeler, label_cells
 from engine.labels.window import DeviceWindow, HostWindow, open_window
 
 BOUNDARY = OutputSpec(kind="boundary", channel=0, names=("boundary",))
@@ -81,28 +82,56 @@ def test_device_out_of_memory_at_the_start_labels_on_the_host(monkeypatch, caplo
     assert isinstance(window, HostWindow) and "labelling it on the host" in caplog.text
 
 
-def _device_on_cpu(image, *, kind, threshold, sampling, threads, device, min_dist):  # noqa: ANN001, ANN202
-    window = DeviceWindow(image, kind=kind, threshold=threshold, sampling=sampling, threads=threads, device=CPU)
-    return window, window.peaks(min_dist)
-
-
-@pytest.mark.parametrize("depth, halo, tile", [(60, 0, None), (16, 12, None), (20, 12, 24)])
-def test_slab_labeller_with_device_windows_equals_the_host(monkeypatch, depth: int, halo: int, tile) -> None:  # noqa: ANN001
-    """Whole volume, cores and cores in xy tiles: the registry of seeds across windows works the same."""
+@pytest.mark.parametrize("method, depth, halo, tile", [("watershed", 60, 0, None), ("watershed", 16, 12, None),
+                                                     ("watershed", 20, 12, 24), ("components", 16, 0, None)])
+def test_slab_labeller_fed_tensors_equals_the_host(monkeypatch, method: str, depth: int, halo: int, tile) -> None:  # noqa: ANN001
+    """Planes pushed as tensors (a GPU run's, here on the CPU's torch) stay tensors: windows on the device
+    (``DeviceWindow``), components and region-graph faces by torch, within and across cores. Whole volume,
+    cores and cores in xy tiles: the same labels as host arrays give."""
     probs = membrane_probs((60, 48, 52), seed=1)
-    spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=3, label_threshd=5, merge_threshold=0.5)
+    spec = PostprocessSpec(method=method, threshold=0.5, min_dist=3, label_threshd=5, merge_threshold=0.5)
+    torch_steps: list[str] = []
+    for module, name in ((window_module, "DeviceWindow"), (slabs_module, "connected_components"), (slabs_module, "faces")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: torch_steps.append(_name) or _real(*a, **k))
 
-    def labels() -> np.ndarray:
+    def labels(as_tensors: bool) -> np.ndarray:
         store = MemoryLabelStore(probs.shape[1:])
         labeler = SlabLabeler(probs.shape[1:], output=BOUNDARY, spec=spec, sampling=None, depth=depth, halo=halo,
                               tile=tile, store=store, threads=1)
         for z0 in range(0, probs.shape[1], 5):
-            labeler.push(z0, probs[:, z0 : z0 + 5])
+            planes = probs[:, z0 : z0 + 5]
+            labeler.push(z0, torch.from_numpy(planes.copy()) if as_tensors else planes)
         return labeler.finish().lut[store.labels]
 
-    want = labels()
-    monkeypatch.setattr(slabs_module, "open_window", _device_on_cpu)
-    got = labels()
+    want = labels(as_tensors=False)
+    assert not torch_steps
+    got = labels(as_tensors=True)
+    expected = {"connected_components"} if method == "components" else {"DeviceWindow", "faces"}
+    assert set(torch_steps) == expected
+    assert want.max() > 20 and np.array_equal(got, want)
+
+
+def test_planes_that_do_not_fit_the_device_are_joined_on_the_host(monkeypatch, caplog) -> None:  # noqa: ANN001
+    """Joining a window's planes out of device memory: that window on the host, the same labels."""
+    probs = membrane_probs((40, 48, 52), seed=1)
+    spec = PostprocessSpec(method="watershed", threshold=0.5, min_dist=3, label_threshd=5, merge_threshold=0.5)
+    want = label_cells(probs, output=BOUNDARY, spec=spec)
+    cat, calls = torch.cat, []
+
+    def cat_out_of_memory_once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return cat(*args, **kwargs)
+
+    store = MemoryLabelStore(probs.shape[1:])
+    labeler = SlabLabeler(probs.shape[1:], output=BOUNDARY, spec=spec, sampling=None, depth=40, halo=0, store=store, threads=1)
+    monkeypatch.setattr(torch, "cat", cat_out_of_memory_once)
+    for z0 in range(0, 40, 8):
+        labeler.push(z0, torch.from_numpy(probs[:, z0 : z0 + 8].copy()))
+    got = labeler.finish().lut[store.labels]
+    assert "out of memory joining planes 0-40" in caplog.text
     assert want.max() > 20 and np.array_equal(got, want)
 
 

@@ -31,6 +31,16 @@ def test_segment_file_writes_labels_with_shape_and_voxel_size(tiny_bundle, blob_
     assert "torch-cpu" in report.summary()
 
 
+def test_segment_file_holds_the_probabilities_only_when_it_writes_them(tiny_bundle, blob_tiff: Path, tmp_path: Path) -> None:
+    """A file run keeps no float copy of the volume it was not asked for (one slab here); asked for, it
+    returns the map it wrote."""
+    plain = segment_file(blob_tiff, tmp_path / "a.tif", bundle=tiny_bundle)
+    asked = segment_file(blob_tiff, tmp_path / "b.tif", bundle=tiny_bundle, prob_path=tmp_path / "p.tif")
+    assert plain.report.n_slabs == asked.report.n_slabs == 1 and plain.probabilities is None
+    np.testing.assert_array_equal(asked.probabilities, np.moveaxis(tifffile.imread(tmp_path / "p.tif"), 1, 0))
+    np.testing.assert_array_equal(plain.labels, asked.labels)
+
+
 def test_options_override_bundle(tiny_bundle) -> None:
     volume = np.random.default_rng(0).random((12, 30, 30)).astype(np.float32)
     result = segment(volume, bundle=tiny_bundle, options=SegmentOptions(patch_shape=(8, 16, 16), overlap=0.5, batch_size=3, precision="fp32"))
