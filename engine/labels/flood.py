@@ -31,7 +31,7 @@ from .seeded import seeded_watershed
 
 __all__ = [
     "FLOOD_GROUPS", "FLOOD_VOXELS_PER_THREAD", "box_of", "descend", "fill", "flood", "flood_pieces", "flood_plateaus",
-    "resolve_components", "seat_components", "split_shared",
+    "resolve_components", "rim", "seat_components", "split_shared",
 ]
 
 TIE_BREAK = 1e-9  # rim order among equal boundary probabilities (float32 steps at membrane levels are >= 3e-8)
@@ -181,7 +181,7 @@ def descend(image: np.ndarray, labels: NDArray[np.int32]) -> tuple[NDArray[np.in
     return owner.reshape(shape)[inner].astype(np.int32, copy=False), padded.reshape(shape)[inner]
 
 
-def _rim(region: NDArray[np.bool_]) -> NDArray[np.bool_]:
+def rim(region: NDArray[np.bool_]) -> NDArray[np.bool_]:
     """The voxels outside ``region`` with a face neighbour in it (``binary_dilation(region) & ~region``, by
     six shifted ORs: 5 ms against scipy's 40 ms on 64x256x256)."""
     grown = region.copy()
@@ -246,9 +246,9 @@ def _flood_rest(image: np.ndarray, resolved: NDArray[np.int32], descended: NDArr
     # of its own value, and among rim voxels of equal value, those the full flood reached earlier (from a
     # lower neighbour) go first, as they were queued first there: a tie-break of 1-2e-9, far below the
     # gap between distinct float32 probabilities at membrane levels.
-    rim = _rim(rest)
-    late = rim & (resolved == 0)
+    edge = rim(rest)
+    late = edge & (resolved == 0)
     priority = image.astype(np.float64)
     priority[late] -= TIE_BREAK * (2.0 - reached[late])
-    flooded = watershed(priority, np.where(rim, descended, 0), mask=rest | rim)
+    flooded = watershed(priority, np.where(edge, descended, 0), mask=rest | edge)
     return np.where(rest, flooded, descended).astype(np.int32, copy=False)

@@ -28,7 +28,7 @@ from numpy.typing import NDArray
 
 from . import device as dev
 from .distance import EDT_BOUNDS, background_of, clear_background, distance_transform, edt_distance, is_unit
-from .flood import fill, flood_plateaus, resolve_components, seat_components, split_shared
+from .flood import fill, flood_plateaus, resolve_components, rim, seat_components, split_shared
 from .seeds import find_seeds, interior_mask, seed_radius, seeds_from_peaks
 
 __all__ = ["DeviceWindow", "HostWindow", "open_window"]
@@ -188,28 +188,28 @@ class DeviceWindow:
 
     def _flood(self, *, boundary: bool, open_background: bool) -> NDArray[np.int32]:
         if not boundary:
-            return self._resolve(lambda box: (-self.distance_t[box]).cpu().numpy()).cpu().numpy()
-        resolved = self._resolve(self._image_box)
+            return self._resolve(lambda box, where: -_values_at(self.distance_t[box], where)).cpu().numpy()
+        resolved = self._resolve(lambda box, where: _values_at(self.image_t[box], where))
         if bool((resolved == 0).any()):
             descended, reached = dev.descend(self.image_t, resolved)
             rest = descended == 0
             if bool(rest.any()):
                 box = _box(rest, margin=1)
-                parts = (t[box].cpu().numpy() for t in (resolved, descended, reached))
-                descended[box] = torch.from_numpy(flood_plateaus(self._image_box(box), *parts)).to(self.device)
+                labels = [t[box].cpu().numpy() for t in (resolved, descended)]
+                read = labels[1] == 0
+                read = torch.from_numpy(read | rim(read)).to(self.device)  # what the plateau flood reads: its voxels, their rim
+                values = (_values_at(t[box], read) for t in (self.image_t, reached))
+                descended[box] = torch.from_numpy(flood_plateaus(next(values), *labels, next(values))).to(self.device)
             resolved = descended
         flooded = resolved.cpu().numpy()
         clear_background(flooded, self.mask_t.cpu().numpy(), sampling=self.sampling, threads=self.threads,
                          open_wide=open_background)
         return flooded
 
-    def _image_box(self, box: Box) -> NDArray[np.float32]:
-        """The probabilities in ``box`` on the host, for the floods that run there (only their boxes come back)."""
-        return self.image_t[box].cpu().numpy()
-
-    def _resolve(self, image_box: Callable[[Box], np.ndarray]) -> torch.Tensor:
+    def _resolve(self, image_box: Callable[[Box, torch.Tensor], np.ndarray]) -> torch.Tensor:
         """:func:`engine.labels.flood.resolve_components` with the components' lookups on the device and the
-        split of shared components on the host, in their box (``image_box`` gives what to flood there)."""
+        split of shared components on the host, in their box (``image_box(box, where)`` gives what to flood
+        there, at least where the box's mask ``where``, the shared components, is set)."""
         assert self.markers_t is not None, "place() the seeds first"
         at = self.markers_t > 0
         region_of_comp, shared = seat_components(self.markers_t[at].cpu().numpy(), self.components_t[at].cpu().numpy(),
@@ -220,8 +220,17 @@ class DeviceWindow:
             inside = torch.index_select(torch.from_numpy(shared).to(self.device), 0, flat).view(self.components_t.shape)
             box = _box(inside)
             parts = (t[box].cpu().numpy() for t in (self.markers_t, self.components_t, inside, resolved))
-            resolved[box] = torch.from_numpy(split_shared(image_box(box), *parts, threads=self.threads)).to(self.device)
+            resolved[box] = torch.from_numpy(split_shared(image_box(box, inside[box]), *parts, threads=self.threads)).to(self.device)
         return resolved
+
+
+def _values_at(volume: torch.Tensor, where: torch.Tensor, /) -> NDArray[np.float32]:
+    """``volume`` on the host where ``where`` is set, 0 elsewhere: a host flood reads no other voxel, so
+    only these floats come back (and ``where``, one byte a voxel)."""
+    at = where.cpu().numpy()
+    out = np.zeros(at.shape, dtype=np.float32)
+    out[at] = volume[where].cpu().numpy()
+    return out
 
 
 def _box(mask: torch.Tensor, /, *, margin: int = 0) -> Box:
