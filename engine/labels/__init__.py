@@ -12,7 +12,7 @@ inference). Field libraries do the heavy array work where they measured faster: 
 (anisotropic distance transforms), ``cc3d`` (connected components), ``fastremap`` (final ids in place). :mod:`.device` has the array steps
 as torch ops for the device that ran the network, equal to these on the CPU; the flood's steepest descent
 runs through it everywhere (faster than numpy on a CPU too), a whole window and the region graph's faces
-on a GPU.
+on a GPU, where a GPU run's probability planes stay (pushed as tensors).
 """
 
 from __future__ import annotations
