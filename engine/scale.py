@@ -8,7 +8,8 @@ z is resampled (training/evaluate.py). :func:`plan_scale` finds
 the zoom per axis (model voxels per input voxel) from what is known, in this order:
 
 - the cell diameter option (µm with a voxel size, else xy voxels) and the voxel size (file or option): the
-  diameter in input voxels per axis follows directly;
+  diameter in input voxels per axis follows directly; the option without a voxel size gives the xy size,
+  and the depth follows the z/xy ratio the estimate below finds;
 - otherwise the diameter is estimated from the data (:func:`estimate_cell_diameter`): the network runs on
   a central crop (first at the guess, then at the zoom that brings the measured cells to the centre of the model's range,
   until it settles: see ``_refine``), and the mean chord of the cell interiors along each axis gives the diameter per axis
@@ -175,10 +176,11 @@ def plan_scale(
         if voxel_size_um is not None:
             diameters: Diameters = tuple(cell_diameter / v for v in voxel_size_um)  # type: ignore[assignment]
             return ScalePlan(_zoom_for(diameter_range, diameters), diameters, "cell diameter option + voxel size", voxel_size_um)
-        xy_zoom = _zoom_for(diameter_range, (cell_diameter, cell_diameter, cell_diameter))[1]
-        measured = estimate((1.0, xy_zoom, xy_zoom))
-        dz = measured[0] if measured is not None else cell_diameter
-        diameters = (dz, cell_diameter, cell_diameter)
+        # the depth from the estimate's z/xy ratio, found as without the option (measured once with z unzoomed,
+        # squashed cells read merged in z: a 3x z step as 7 planes for 4.7, and the option scored below none)
+        found = _refine(diameter_range, (1.0, 1.0, 1.0), None, estimate)
+        dz = None if found is None else cell_diameter * found[0] / math.sqrt(found[1] * found[2])
+        diameters = (cell_diameter if dz is None else dz, cell_diameter, cell_diameter)
         return ScalePlan(_zoom_for(diameter_range, diameters), diameters, "cell diameter option, z estimated", voxel_size_um)
     guess: tuple[float, float, float] = (1.0, 1.0, 1.0) if ratio is None else (ratio[0], 1.0, 1.0)
     diameters_or_none = _refine(diameter_range, guess, ratio, estimate)

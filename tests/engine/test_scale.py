@@ -103,6 +103,20 @@ def test_estimate_converges_for_cells_the_network_cannot_see_at_first(true: floa
     assert plan.cell_diameter_voxels[1] == pytest.approx(true, rel=0.01)
 
 
+def test_diameter_option_without_voxel_size_takes_the_estimated_depth_ratio() -> None:
+    """Cells 14 voxels wide and 14/3 deep (a 3x z step), the option giving 14: a network that merges cells
+    shallower than 9 of its voxels reads them 9 deep unzoomed; the estimate zooms until it sees them, and the
+    depth follows its z/xy ratio (measured once at z unzoomed, the depth read 9 and z was zoomed 1.6x, not 3x)."""
+    true = (14.0 / 3, 14.0, 14.0)
+
+    def estimate(zoom):  # noqa: ANN001, ANN202
+        return tuple(min(24.0, max(9.0, d * z)) / z for d, z in zip(true, zoom))
+
+    plan = plan_scale(diameter_range=RANGE, voxel_size_um=None, cell_diameter=14.0, estimate=estimate)
+    assert plan.cell_diameter_voxels == pytest.approx(true, rel=0.02)
+    assert plan.zoom == pytest.approx((3.0, 1.0, 1.0), rel=0.02) and plan.source == "cell diameter option, z estimated"
+
+
 def test_voxel_size_fixes_the_z_ratio_of_the_estimate() -> None:
     plan = plan_scale(diameter_range=RANGE, voxel_size_um=(3.0, 1.0, 1.0), cell_diameter=None, estimate=lambda z: (6.0, 15.0, 13.0))
     dz, dy, dx = plan.cell_diameter_voxels
