@@ -52,6 +52,8 @@ __all__ = [
     "connected_components",
     "descend",
     "faces",
+    "index_dtype",
+    "jump_pointers",
     "path_maximum",
     "peaks",
     "run_on",
@@ -88,7 +90,8 @@ def _check_mask(mask: object, name: str = "mask") -> torch.Tensor:
     return t
 
 
-def _index_dtype(n: int) -> torch.dtype:
+def index_dtype(n: int, /) -> torch.dtype:
+    """The narrowest torch integer that indexes ``n`` voxels."""
     return torch.int32 if n < 2**31 else torch.int64
 
 
@@ -182,7 +185,7 @@ def peaks(distance: torch.Tensor, mask: torch.Tensor, /, *, radius: tuple[int, i
     return mask & (distance >= path_maximum(distance, mask, radius=radius))
 
 
-def _shortcut(pointer: torch.Tensor, what: str) -> None:
+def jump_pointers(pointer: torch.Tensor, what: str, /) -> None:
     """Pointer jumping, in place, until every entry points to a root (``pointer[root] == root``).
 
     Pointers only go down (``pointer[i] <= i``, or along a strict descent), so a forest of depth d takes
@@ -246,7 +249,7 @@ def connected_components(mask: torch.Tensor, /, *, max_rounds: int | None = None
     if n == 0:
         return torch.zeros(mask.shape, dtype=torch.int32, device=mask.device)
     cap = 2 * n.bit_length() + 8 if max_rounds is None else int(max_rounds)
-    index = torch.arange(n, dtype=_index_dtype(n), device=mask.device).view(mask.shape)
+    index = torch.arange(n, dtype=index_dtype(n), device=mask.device).view(mask.shape)
     labels = index.clone()
     for axis in (2, 1, 0):  # z- wins over y- over x-: the lowest neighbour index
         s = mask.shape[axis]
@@ -257,7 +260,7 @@ def connected_components(mask: torch.Tensor, /, *, max_rounds: int | None = None
         torch.where(joined, index.narrow(axis, 0, s - 1), here, out=here)
     flat = labels.view(-1)
     for _ in range(cap):
-        _shortcut(flat, "connected_components")
+        jump_pointers(flat, "connected_components")
         if not _hook(labels, mask):
             break
     else:
@@ -294,7 +297,7 @@ def descend(image: torch.Tensor, labels: torch.Tensor, /) -> tuple[torch.Tensor,
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"labels must be integer, got {labels.dtype}")
     n = image.numel()
-    index = torch.arange(n, dtype=_index_dtype(n), device=image.device).view(image.shape)
+    index = torch.arange(n, dtype=index_dtype(n), device=image.device).view(image.shape)
     best = image.clone()
     pointer = index.clone()
     for axis in range(3):
@@ -313,7 +316,7 @@ def descend(image: torch.Tensor, labels: torch.Tensor, /) -> tuple[torch.Tensor,
     torch.where(fixed, index, pointer, out=pointer)
     del index, fixed
     flat = pointer.view(-1)
-    _shortcut(flat, "descend")
+    jump_pointers(flat, "descend")
     owner = torch.index_select(labels.reshape(-1), 0, flat).view(image.shape)
     return owner.to(torch.int32), best
 

@@ -27,6 +27,7 @@ import torch
 from numpy.typing import NDArray
 
 from . import device as dev
+from .device_flood import flood_rest, flood_within
 from .distance import EDT_BOUNDS, background_of, clear_background, distance_transform, edt_distance, is_unit
 from .flood import fill, flood_plateaus, resolve_components, rim, seat_components, split_shared
 from .seeds import find_seeds, interior_mask, seed_radius, seeds_from_peaks
@@ -105,8 +106,10 @@ class DeviceWindow:
     """
 
     def __init__(self, image: NDArray[np.float32] | torch.Tensor, /, *, kind: str, threshold: float,
-                 sampling: Sequence[float] | None, threads: int, device: torch.device) -> None:
+                 sampling: Sequence[float] | None, threads: int, device: torch.device, floods_on_device: bool | None = None) -> None:
         self.sampling, self.threads, self.device = sampling, threads, device
+        # the two floods (:mod:`.device_flood`) on the device (default: a GPU's; on a CPU skimage is faster)
+        self.floods_on_device = device.type != "cpu" if floods_on_device is None else floods_on_device
         self.image_t = (image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))).to(device)
         self.shape = tuple(self.image_t.shape)
         self.mask_t = interior_mask(self.image_t, kind, threshold)
@@ -188,28 +191,33 @@ class DeviceWindow:
 
     def _flood(self, *, boundary: bool, open_background: bool) -> NDArray[np.int32]:
         if not boundary:
-            return self._resolve(lambda box, where: -_values_at(self.distance_t[box], where)).cpu().numpy()
-        resolved = self._resolve(lambda box, where: _values_at(self.image_t[box], where))
+            return self._resolve(-self.distance_t).cpu().numpy()
+        resolved = self._resolve(self.image_t)
         if bool((resolved == 0).any()):
             descended, reached = dev.descend(self.image_t, resolved)
             rest = descended == 0
             if bool(rest.any()):
                 box = _box(rest, margin=1)
-                labels = [t[box].cpu().numpy() for t in (resolved, descended)]
-                read = labels[1] == 0
-                read = torch.from_numpy(read | rim(read)).to(self.device)  # what the plateau flood reads: its voxels, their rim
-                values = (_values_at(t[box], read) for t in (self.image_t, reached))
-                descended[box] = torch.from_numpy(flood_plateaus(next(values), *labels, next(values))).to(self.device)
+                descended[box] = self._plateaus(box, resolved[box], descended[box], reached[box])
             resolved = descended
         flooded = resolved.cpu().numpy()
         clear_background(flooded, self.mask_t.cpu().numpy(), sampling=self.sampling, threads=self.threads,
                          open_wide=open_background)
         return flooded
 
-    def _resolve(self, image_box: Callable[[Box, torch.Tensor], np.ndarray]) -> torch.Tensor:
+    def _plateaus(self, box: Box, resolved: torch.Tensor, descended: torch.Tensor, reached: torch.Tensor) -> torch.Tensor:
+        """:func:`engine.labels.flood.flood_plateaus` in ``box``: on the device, or on the host from the floats it reads."""
+        if self.floods_on_device:
+            return flood_rest(self.image_t[box], resolved, descended, reached)
+        labels = [resolved.cpu().numpy(), descended.cpu().numpy()]
+        read = labels[1] == 0
+        read = torch.from_numpy(read | rim(read)).to(self.device)  # what the plateau flood reads: its voxels, their rim
+        flooded = flood_plateaus(_values_at(self.image_t[box], read), *labels, _values_at(reached, read))
+        return torch.from_numpy(flooded).to(self.device)
+
+    def _resolve(self, image: torch.Tensor) -> torch.Tensor:
         """:func:`engine.labels.flood.resolve_components` with the components' lookups on the device and the
-        split of shared components on the host, in their box (``image_box(box, where)`` gives what to flood
-        there, at least where the box's mask ``where``, the shared components, is set)."""
+        split of shared components (a flood of ``image`` inside them) in their box, on the device or the host."""
         assert self.markers_t is not None, "place() the seeds first"
         at = self.markers_t > 0
         region_of_comp, shared = seat_components(self.markers_t[at].cpu().numpy(), self.components_t[at].cpu().numpy(),
@@ -219,8 +227,13 @@ class DeviceWindow:
         if shared.any():
             inside = torch.index_select(torch.from_numpy(shared).to(self.device), 0, flat).view(self.components_t.shape)
             box = _box(inside)
-            parts = (t[box].cpu().numpy() for t in (self.markers_t, self.components_t, inside, resolved))
-            resolved[box] = torch.from_numpy(split_shared(image_box(box, inside[box]), *parts, threads=self.threads)).to(self.device)
+            inside, markers = inside[box], self.markers_t[box]
+            if self.floods_on_device:
+                resolved[box] = torch.where(inside, flood_within(image[box], markers, inside), resolved[box])
+            else:
+                parts = (t.cpu().numpy() for t in (markers, self.components_t[box], inside, resolved[box]))
+                split = split_shared(_values_at(image[box], inside), *parts, threads=self.threads)
+                resolved[box] = torch.from_numpy(split).to(self.device)
         return resolved
 
 
