@@ -9,10 +9,11 @@ boundary probability map (walls 0.9, inside 0.05, Gaussian blur 0.8, noise 0.03)
 boundary model's interior. Each step runs on the same input both ways, best of 3 (the device synchronised),
 and its outputs are compared (exact; the face sums to rtol 1e-12): interior components (cc3d vs
 ``connected_components``), the bounded distance (bound 16), the seed peaks (min_dist 4), the steepest
-descent from the resolved seeds, the face table of the final labels, and a whole labelling window (seeds,
-markers, flood, background: ``engine.labels.window``'s ``HostWindow`` against ``DeviceWindow``, the path a
-GPU run takes). The copies a GPU run saves or pays are timed too: the float32 probabilities to the host,
-the int32 labels back.
+descent from the resolved seeds, the face table of the final labels, the split of the interior components
+that hold several seeds (skimage's flood against ``engine.labels.device_flood.flood_within``; equal where
+nothing ties), and a whole labelling window (seeds, markers, floods, background: ``engine.labels.window``'s
+``HostWindow`` against ``DeviceWindow`` with its floods on the device, the path a GPU run takes). The copies
+a GPU run saves or pays are timed too: the float32 probabilities to the host, the int32 labels back.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ import torch
 from engine.labels import EdgeTable, distance_transform, find_seeds
 from engine.labels import device as dev
 from engine.labels.distance import bounded_distance
-from engine.labels.flood import descend, resolve_components
+from engine.labels.device_flood import flood_within
+from engine.labels.flood import descend, resolve_components, seat_components
+from engine.labels.seeded import seeded_watershed
 from engine.labels.seeds import path_maximum, seed_radius
 from engine.labels.window import DeviceWindow, HostWindow
 from engine.synthetic import boundary_probability
@@ -72,7 +75,10 @@ def _host_inputs(p: np.ndarray) -> dict[str, np.ndarray]:
     markers = cc3d.connected_components(seeds, connectivity=6).astype(np.int32)
     resolved = resolve_components(p, markers, components)
     labels = descend(p, resolved)[0]
-    return {"p": p, "mask": mask, "distance": distance, "resolved": resolved, "labels": labels}
+    at = markers > 0
+    shared = seat_components(markers[at], components[at], int(components.max()))[1][components]
+    return {"p": p, "mask": mask, "distance": distance, "resolved": resolved, "labels": labels,
+            "markers": np.where(shared, markers, 0), "shared": shared}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -121,9 +127,12 @@ def main(argv: list[str] | None = None) -> int:
          lambda: dev.peaks(on["distance"], on["mask"], radius=radius)),
         ("steepest descent", lambda: descend(host["p"], host["resolved"]), lambda: dev.descend(on["p"], on["resolved"])),
         ("face table", lambda: _face_table(host["labels"], host["p"]), lambda: dev.faces(on["labels"], on["p"])),
+        ("split of shared components", lambda: seeded_watershed(host["p"], host["markers"], host["shared"]),
+         lambda: flood_within(on["p"], on["markers"], on["shared"])),
         ("whole window (from the float map)",
          lambda: _window(lambda: HostWindow.compute(host["p"], kind="boundary", threshold=0.8, sampling=None, threads=threads)),
-         lambda: _window(lambda: DeviceWindow(host["p"], kind="boundary", threshold=0.8, sampling=None, threads=threads, device=device))),
+         lambda: _window(lambda: DeviceWindow(host["p"], kind="boundary", threshold=0.8, sampling=None, threads=threads, device=device,
+                                              floods_on_device=True))),
     ]
     mvox = int(np.prod(shape)) / 1e6
     rows = []

@@ -5,12 +5,14 @@ distance maxima outside the blocks labelled before, and the registered seeds of 
 does the voxel work around that choice: interior mask, distance transform, components, maxima, markers,
 the flood and the background. :class:`HostWindow` runs it with numpy, cc3d, edt and skimage;
 :class:`DeviceWindow` runs the array steps as torch ops (:mod:`engine.labels.device`) where the network
-ran, and gives the same labels (the tests compare them on the CPU). What a device hands back is labels,
-seed points and boxes of integer ids; the host keeps what has no array form: the flood splitting the
-interior components that hold several seeds and the flood of plateaus, each in the box around them, of
-which only the voxels they read come back as floats (with a mask: 19.7% of a window's voxels on the
-default model's output), the thinning of seeds, and the background clearing (on the labels and mask). A
-GPU run's probabilities arrive here as tensors on the GPU (:mod:`engine.streaming`); a host array goes up once.
+ran, and gives the same labels (the tests compare them on the CPU). On a GPU its two floods (the split of
+the interior components that hold several seeds, 14-17% of a window's voxels on the default model's
+output, and the flood of plateaus) run there too (:mod:`engine.labels.device_flood`: the host's labels
+where nothing ties, the lowest-level seed by a stated rule where something does), so what comes back is
+labels, seed points and the interior mask: the host keeps the thinning of seeds and the background
+clearing. On a CPU the floods stay skimage's (5-10x faster there), and a device window that floods on the
+host gets back only the floats those floods read, with a mask. A GPU run's probabilities arrive here as
+tensors on the GPU (:mod:`engine.streaming`); a host array goes up once.
 """
 
 from __future__ import annotations
