@@ -257,14 +257,17 @@ def memory_budget(options: SegmentOptions, /) -> int:
 
 
 def _network_bytes(budget: int, bundle: Bundle, options: SegmentOptions, model_shape: tuple[int, int, int]) -> float | None:
-    """Host bytes for the CPU network's activations: :data:`NETWORK_SHARE` of the budget when the volume
-    is streamed or the caller set a memory limit; else None (the bundle's patch, which is fastest: a volume
-    whose labels, probabilities and labelling fit the budget in one slab then takes at most one patch's
-    activations more)."""
+    """Host bytes for the CPU network's activations: :data:`NETWORK_SHARE` of the budget, unless one bundle
+    patch covers the whole volume, nothing set a memory limit and the volume's labels, probabilities and
+    labelling fit the budget: then None (the bundle's patch, fastest there: one patch, no overlap; its
+    activations are then the one thing above the budget). A larger volume in one slab used to keep the
+    bundle's patch too: 64x512x512 took 3515 MiB against 1691 with budgeted patches, 34.0 s against 34.7
+    (benchmarks/PERFORMANCE.md, one-slab stacks)."""
     k = len(bundle.output.names)
     spec = _postprocess_spec(bundle, options)
     whole = (POSTPROCESS_BYTES.get(spec.method, 72) + 8 * k + 4 + 8 * bundle.in_channels) * math.prod(model_shape)
-    if options.memory_limit_gib is None and whole <= budget:
+    one_patch = all(s <= p for s, p in zip(model_shape, bundle.patch_shape))
+    if options.memory_limit_gib is None and one_patch and whole <= budget:
         return None
     return NETWORK_SHARE * budget
 

@@ -41,3 +41,28 @@ def test_release_freed_memory_returns_the_heaps_free_pages() -> None:
     release_freed_memory()
     assert resident_mib() < held - 100, "malloc_trim gave back under 100 MiB of ~200 MiB freed"
     del last
+
+
+@pytest.mark.parametrize("shape, patch, batch", [((64, 256, 256), (64, 256, 256), 1), ((64, 512, 512), None, 2)])
+def test_only_a_volume_one_bundle_patch_covers_runs_the_bundle_patch_outside_the_budget(shape, patch, batch) -> None:  # noqa: ANN001
+    """One slab, no memory limit: a volume one bundle patch covers runs as that patch (its activations the one
+    thing above the budget); a larger one gets patches that fit the budget (64x512x512: 3515 -> 1691 MiB peak,
+    34.0 -> 34.7 s, benchmarks/PERFORMANCE.md), so its peak stays bounded however many patches it takes."""
+    from engine.backends import BackendOptions, select_backend
+    from engine.bundle import load_bundle
+    from engine.fitting import activation_bytes_per_voxel
+    from engine.run_plan import NETWORK_SHARE, memory_budget, plan_run
+    from engine.streaming import ArraySource
+
+    bundle = load_bundle()
+    options = SegmentOptions(rescale="off")
+    source = ArraySource(np.zeros((1, *shape), dtype=np.float32))
+    with select_backend("torch-cpu", bundle, options=BackendOptions(precision="fp32")) as backend:
+        plan = plan_run(source, [(0.0, 1.0)], bundle=bundle, options=options, voxel_size_um=None, backend=backend,
+                        keep_outputs=False)
+    assert plan.slabs.n_slabs(shape[0]) == 1 and plan.tiling.batch_size == batch
+    if patch is not None:
+        assert plan.tiling.patch_shape == patch
+    else:
+        activations = batch * activation_bytes_per_voxel(bundle) * np.prod(plan.tiling.patch_shape)
+        assert activations <= NETWORK_SHARE * memory_budget(options)
