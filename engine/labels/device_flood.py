@@ -20,6 +20,8 @@ down into the basin a voxel drains into (as :func:`engine.labels.device.descend`
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 
 from .device import LabelConvergenceError, index_dtype, jump_pointers
@@ -30,7 +32,7 @@ __all__ = ["flood_rest", "flood_within", "rim_of"]
 _FAR = 2**31 - 1  # steps of a voxel not yet reached in its zone
 
 
-def _shifts(shape: torch.Size):  # noqa: ANN202 - an iterator of (axis, here, there, n)
+def _shifts(shape: torch.Size) -> Iterator[tuple[int, int, int, int]]:
     """Each face direction as ``(axis, here, there, n)``: ``narrow(axis, here, n)`` views the voxels whose
     neighbour ``narrow(axis, there, n)`` views, in z-, z+, y-, y+, x-, x+ order."""
     for axis in range(3):
@@ -75,7 +77,7 @@ def flood_within(image: torch.Tensor, seeds: torch.Tensor, region: torch.Tensor,
     return torch.index_select(labels.view(-1), 0, pointer.view(-1)).view(labels.shape)
 
 
-def _settle(step, cap: int, what: str) -> None:  # noqa: ANN001 - () -> bool
+def _settle(step: Callable[[], bool], cap: int, what: str) -> None:
     for _ in range(cap):
         if not step():
             return

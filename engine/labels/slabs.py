@@ -311,7 +311,7 @@ class SlabLabeler:
                 if self._edge_plane is not None:
                     below, below_p = self._edge_plane
                     between = partial(faces, axes=(0,))
-                    edges.add_faces(*run_on(on, between, np.stack([below, labels[0]]), torch.stack([torch.as_tensor(below_p), boundary[0]])))
+                    edges.add_faces(*run_on(on, between, np.stack([below, labels[0]]), torch.stack([below_p, boundary[0]])))
             else:
                 edges.add_piece(labels, boundary, threads=self.threads or available_cores())
                 if self._edge_plane is not None:
