@@ -7,9 +7,12 @@ measurements: one forward pass at batch 1 and 2 per candidate
 patch gives ``bytes(batch) = base + batch * per_patch``. Measurements are cached per device, backend,
 precision and bundle in a small JSON file, so only the first run on a device pays for them. On the CPU the
 bundle's patch is kept (bigger patches are not faster there) and the batch is 1; when the host memory given
-to the network is known (a streamed volume, or a ``--memory-limit``), the patch is halved, one side at a
-time, until :data:`CPU_BATCH` patches' activations fit, and the batch is :data:`CPU_BATCH` (:func:`activation_bytes_per_voxel`; the default model needs ~0.7 KB per patch voxel, so a
-64x256x256 patch alone would take 2.7 GiB).
+to the network is known (:mod:`engine.run_plan` gives it), a volume the patch covers keeps it at batch 1 if
+its activations fit, else is cut along its longest side into as few patches as fit; any other volume has
+its patch halved, one side at a time, until :data:`CPU_BATCH` patches' activations fit, and the batch is
+:data:`CPU_BATCH`. Activations are counted per voxel (:func:`activation_bytes_per_voxel`: 404 bytes for the
+default model, so a 64x256x256 patch alone takes ~1.6 GiB), with :data:`ACTIVATION_SLACK` for what the
+count cannot see.
 
 :class:`BackoffRunner` wraps a backend's ``run``: on ``torch.cuda.OutOfMemoryError`` it halves the batch and
 runs the same patches again in halves, so nothing already blended is lost, and keeps the smaller batch.
@@ -22,6 +25,7 @@ import json
 import logging
 import math
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +36,7 @@ from .backends import Backend
 from .bundle import Bundle
 from .errors import InputError
 from .models import build_model
-from .tiling import fit_patch_shape
+from .tiling import fit_patch_shape, patch_starts
 
 __all__ = ["MEMORY_MARGIN", "BackoffRunner", "Fit", "activation_bytes_per_voxel", "default_cache_dir", "fit_tiling"]
 
@@ -45,6 +49,9 @@ MIN_CPU_PATCH = (32, 64, 64)  # a patch shrunk to the host memory keeps at least
 # Patches per CPU call when the host memory allows: with one patch, torch takes its slow im2col 3D convolution
 # for inputs whose channels x depth x height are under 20480 (aten's use_mkldnn), ~10x slower than oneDNN's.
 CPU_BATCH = 2
+# The activation count (activation_bytes_per_voxel) against the resident peak it leaves out oneDNN's scratch:
+# measured 417 / 404 bytes a voxel at 64x256x256 batch 1, 435 / 404 at 32x128x128 batch 2 (2-core CPU, fp32).
+ACTIVATION_SLACK = 1.1
 _SCALES_YX = (1.0, 1.5, 2.0, 3.0, 4.0)
 _SCALES_Z = (1.0, 1.5, 2.0)
 _CACHE_VERSION = 1
@@ -89,26 +96,37 @@ def _candidates(base: Sequence[int], volume_shape: Sequence[int], divisor: int) 
 
 
 def activation_bytes_per_voxel(bundle: Bundle, /) -> float:
-    """Host bytes per patch voxel the network's activations take at most: every layer's output counted as
-    alive at once, from forward hooks on the bundle's architecture over a small input (a few ms; 966 bytes
-    for the default model, whose measured peak is ~700)."""
-    model = build_model(bundle.architecture, bundle.arch_kwargs).eval()
-    total = 0
+    """Host bytes per patch voxel the network's tensors take at their peak, over one forward pass on a small
+    input: after each layer, the bytes of the layer inputs and outputs still alive (the tensors the forward
+    still holds, not every layer's output; a few ms). The default model: 404 bytes, against a measured
+    resident peak of 417 a voxel at 64x256x256 (2-core CPU, torch 2.13, fp32; oneDNN's scratch is the rest)."""
+    model = build_model(bundle.architecture, bundle.arch_kwargs).eval().to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    alive: dict[int, int] = {}
+    peak = 0
 
-    def count(_module: torch.nn.Module, _inputs: object, output: object) -> None:
-        nonlocal total
-        if isinstance(output, torch.Tensor):
-            total += output.numel() * output.element_size()
+    def track(tensors: object) -> None:
+        for tensor in tensors if isinstance(tensors, (tuple, list)) else (tensors,):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in alive:
+                key = tensor.untyped_storage().data_ptr()  # an in-place layer returns a storage already counted
+                alive[key] = tensor.untyped_storage().nbytes()
+                weakref.finalize(tensor, alive.pop, key, None)
 
-    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    def after(_module: torch.nn.Module, inputs: object, output: object) -> None:
+        nonlocal peak
+        track(inputs)
+        track(output)
+        peak = max(peak, sum(alive.values()))
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    hooks = [m.register_forward_hook(after) for m in leaves]
     x = torch.zeros(1, bundle.in_channels, 2 * bundle.divisor, 4 * bundle.divisor, 4 * bundle.divisor)
     try:
         with torch.inference_mode():
-            model(x)
+            model(x.contiguous(memory_format=torch.channels_last_3d))
     finally:
         for hook in hooks:
             hook.remove()
-    return total / (x.numel() / bundle.in_channels)
+    return peak / (x.numel() / bundle.in_channels)
 
 
 def _within_host_memory(patch: tuple[int, int, int], cost: Callable[[tuple[int, int, int]], float], host_bytes: float,
@@ -175,6 +193,7 @@ def fit_tiling(
     batch_size: int | None = None,
     reserve_bytes: Callable[[tuple[int, int, int]], float] = lambda patch: 0.0,
     host_bytes: float | None = None,
+    overlap: float | None = None,
     cache_dir: Path | None = None,
     measure: Measure | None = None,
     free_bytes: float | None = None,
@@ -190,6 +209,7 @@ def fit_tiling(
         reserve_bytes: device bytes needed beside the network for a patch, e.g. the slab accumulator.
         host_bytes: on the CPU, the host memory the network's activations and ``reserve_bytes`` may take
             together (None: no limit); torch backends only, the others keep the patch they were built for.
+        overlap: the tiling's overlap (None: the bundle's), for a volume one patch covers that must be cut.
         cache_dir: where measurements are cached (None: :func:`default_cache_dir`).
         measure, free_bytes, device_key: test hooks standing in for the CUDA measurement, the free device
             memory and the device's identity.
@@ -204,7 +224,7 @@ def fit_tiling(
     if not on_cuda or (patch_shape is not None and batch_size is not None):
         return _fit_unmeasured(
             bundle, backend, volume_shape, patch_shape=patch_shape, batch_size=batch_size, reserve_bytes=reserve_bytes,
-            host_bytes=host_bytes,
+            host_bytes=host_bytes, overlap=bundle.overlap if overlap is None else overlap,
         )
     if measure is None:
         measure = _measure_cuda(backend, bundle.in_channels)
@@ -244,19 +264,44 @@ def _fit_unmeasured(
     batch_size: int | None,
     reserve_bytes: Callable[[tuple[int, int, int]], float],
     host_bytes: float | None,
+    overlap: float,
 ) -> Fit:
-    """The CPU's (or a fully fixed) patch and batch: the bundle's or the caller's, shrunk to ``host_bytes``."""
+    """The CPU's (or a fully fixed) patch and batch: the bundle's or the caller's, shrunk to ``host_bytes``; a
+    volume the patch covers runs at batch 1, in as few patches as fit (:func:`_fewest_patches`)."""
     patch = fit_patch_shape(volume_shape, patch_shape or bundle.patch_shape, bundle.divisor)
     source = "options" if patch_shape and batch_size else "bundle"
     default_batch = 1 if backend.device.type == "cpu" else 4
     if host_bytes is not None and backend.can_grow_patch:
-        per_voxel = activation_bytes_per_voxel(bundle)
+        per_voxel = ACTIVATION_SLACK * activation_bytes_per_voxel(bundle)
+        if patch_shape is None and batch_size is None and all(p >= v for p, v in zip(patch, volume_shape)):
+            one = lambda p: per_voxel * math.prod(p) + reserve_bytes(p)  # noqa: E731
+            cut = _fewest_patches(patch, volume_shape, one, host_bytes, bundle.divisor, overlap)
+            if cut is not None:
+                return Fit(cut, 1, source if cut == patch else "host memory")
         batch = batch_size or CPU_BATCH
-        cost = lambda p: batch * per_voxel * math.prod(p) + reserve_bytes(p)
+        cost = lambda p: batch * per_voxel * math.prod(p) + reserve_bytes(p)  # noqa: E731
         fitted = patch if patch_shape is not None else _within_host_memory(patch, cost, host_bytes, bundle.divisor)
         default_batch = CPU_BATCH if cost(fitted) <= host_bytes else 1
         source, patch = (source if fitted == patch else "host memory"), fitted
     return Fit(patch, batch_size or default_batch, source)
+
+
+def _fewest_patches(patch: tuple[int, int, int], volume_shape: Sequence[int], cost: Callable[[tuple[int, int, int]], float],
+                    host_bytes: float, divisor: int, overlap: float) -> tuple[int, int, int] | None:
+    """For a volume ``patch`` covers: ``patch`` at batch 1 if its ``cost`` fits ``host_bytes``, else the patch cut
+    along the volume's longest side to the fewest patches that fit (as short as that count allows), else None.
+    Halving every side for two patches a call costs their overlap: a 64x256x256 volume runs 2.25x its voxels in
+    64x128x128 pairs, 1.16x in two 64x256x148 patches."""
+    if cost(patch) <= host_bytes:
+        return patch
+    axis = max(range(3), key=lambda a: (volume_shape[a], a))
+    size, floor = volume_shape[axis], max(divisor, min(patch[axis], MIN_CPU_PATCH[axis]))
+    cut = lambda side: tuple(side if a == axis else p for a, p in enumerate(patch))  # noqa: E731
+    sides = [side for side in range(patch[axis] - divisor, floor - 1, -divisor) if cost(cut(side)) <= host_bytes]
+    if not sides:
+        return None
+    count = len(patch_starts(size, sides[0], overlap))
+    return cut(min(side for side in sides if len(patch_starts(size, side, overlap)) == count))
 
 
 def _largest_fit(

@@ -256,19 +256,18 @@ def memory_budget(options: SegmentOptions, /) -> int:
     return min(DEFAULT_MEMORY_BYTES - RUNTIME_BYTES, available_memory() // 2)
 
 
-def _network_bytes(budget: int, bundle: Bundle, options: SegmentOptions, model_shape: tuple[int, int, int]) -> float | None:
-    """Host bytes for the CPU network's activations: :data:`NETWORK_SHARE` of the budget, unless one bundle
-    patch covers the whole volume, nothing set a memory limit and the volume's labels, probabilities and
-    labelling fit the budget: then None (the bundle's patch, fastest there: one patch, no overlap; its
-    activations are then the one thing above the budget). A larger volume in one slab used to keep the
-    bundle's patch too: 64x512x512 took 3515 MiB against 1691 with budgeted patches, 34.0 s against 34.7
-    (benchmarks/PERFORMANCE.md, one-slab stacks)."""
+def _network_bytes(budget: int, bundle: Bundle, options: SegmentOptions, model_shape: tuple[int, int, int]) -> float:
+    """Host bytes for the CPU network's activations: :data:`NETWORK_SHARE` of the budget, or, when one bundle
+    patch covers the volume and its labelling fits the budget (one slab: the network has finished before the
+    labels are made), all of the budget but the run's own buffers, so the fitter keeps one patch where its
+    activations fit and cuts it into as few as fit where not (:func:`engine.fitting.fit_tiling`). Measured
+    (benchmarks/PERFORMANCE.md, one-slab stacks): 64x512x512 in bundle patches took 3515 MiB against 1691 in
+    budgeted ones; 64x256x256 in its one patch 2074 MiB against the 2064 promised."""
     k = len(bundle.output.names)
     spec = _postprocess_spec(bundle, options)
     whole = (POSTPROCESS_BYTES.get(spec.method, 72) + 8 * k + 4 + 8 * bundle.in_channels) * math.prod(model_shape)
-    one_patch = all(s <= p for s, p in zip(model_shape, bundle.patch_shape))
-    if options.memory_limit_gib is None and one_patch and whole <= budget:
-        return None
+    if all(s <= p for s, p in zip(model_shape, bundle.patch_shape)) and whole <= budget:
+        return budget - (8 * bundle.in_channels + 4 * k + 4) * math.prod(model_shape)  # the volume, the blend's sums
     return NETWORK_SHARE * budget
 
 
@@ -284,6 +283,7 @@ def _tiling(
         bundle, backend, model_shape, patch_shape=options.patch_shape, batch_size=options.batch_size,
         reserve_bytes=lambda patch: 4.0 * (k + 1 + 2 * bundle.in_channels) * patch[0] * padded_plane(patch),
         host_bytes=_network_bytes(budget, bundle, options, model_shape),
+        overlap=bundle.overlap if options.overlap is None else options.overlap,
     )
     config = TilingConfig(
         patch_shape=scale.input_patch(fit.patch_shape, shape),

@@ -264,8 +264,9 @@ def test_labelling_takes_one_core_while_the_network_runs_on_the_cpu(bundles, sta
     monkeypatch.setattr(SlabLabeler, "push", recording_push)
     bundle, (_, image) = bundles["membrane"], stacks["membrane"]
     opts = SegmentOptions(batch_size=2, slab_depth=8, halo=8)
+    # a network that takes a moment, as a real one does: an instant one can finish before the first push
     _run(ArraySource(image[None]), bundle=bundle, options=opts, voxel_size_um=None, progress=None,
-         backend=ImageBackend(bundle), outputs=RunOutputs())
+         backend=ImageBackend(bundle, delay=0.05), outputs=RunOutputs())
     threads = [t for _, t in seen]
     k = threads.index(None)  # the first push after the network's last planes were handed on
     assert len(seen) > 2 and k >= 1 and set(threads[:k]) == {1} and set(threads[k:]) == {None}, seen
