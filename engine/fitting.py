@@ -10,9 +10,9 @@ bundle's patch is kept (bigger patches are not faster there) and the batch is 1;
 to the network is known (:mod:`engine.run_plan` gives it), a volume the patch covers keeps it at batch 1 if
 its activations fit, else is cut along its longest side into as few patches as fit; any other volume has
 its patch halved, one side at a time, until :data:`CPU_BATCH` patches' activations fit, and the batch is
-:data:`CPU_BATCH`. Activations are counted per voxel (:func:`activation_bytes_per_voxel`: 404 bytes for the
-default model, so a 64x256x256 patch alone takes ~1.6 GiB), with :data:`ACTIVATION_SLACK` for what the
-count cannot see.
+:data:`CPU_BATCH`. Activations are counted per voxel as every layer's output alive at once
+(:func:`activation_bytes_per_voxel`: 966 bytes for the default model, whose measured peak is ~700, so a
+64x256x256 patch alone takes ~2.9 GB), an upper bound.
 
 :class:`BackoffRunner` wraps a backend's ``run``: on ``torch.cuda.OutOfMemoryError`` it halves the batch and
 runs the same patches again in halves, so nothing already blended is lost, and keeps the smaller batch.
@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +48,6 @@ MIN_CPU_PATCH = (32, 64, 64)  # a patch shrunk to the host memory keeps at least
 # Patches per CPU call when the host memory allows: with one patch, torch takes its slow im2col 3D convolution
 # for inputs whose channels x depth x height are under 20480 (aten's use_mkldnn), ~10x slower than oneDNN's.
 CPU_BATCH = 2
-# The activation count (activation_bytes_per_voxel) against the resident peak it leaves out oneDNN's scratch:
-# measured 417 / 404 bytes a voxel at 64x256x256 batch 1, 435 / 404 at 32x128x128 batch 2 (2-core CPU, fp32).
-ACTIVATION_SLACK = 1.1
 _SCALES_YX = (1.0, 1.5, 2.0, 3.0, 4.0)
 _SCALES_Z = (1.0, 1.5, 2.0)
 _CACHE_VERSION = 1
@@ -96,37 +92,26 @@ def _candidates(base: Sequence[int], volume_shape: Sequence[int], divisor: int) 
 
 
 def activation_bytes_per_voxel(bundle: Bundle, /) -> float:
-    """Host bytes per patch voxel the network's tensors take at their peak, over one forward pass on a small
-    input: after each layer, the bytes of the layer inputs and outputs still alive (the tensors the forward
-    still holds, not every layer's output; a few ms). The default model: 404 bytes, against a measured
-    resident peak of 417 a voxel at 64x256x256 (2-core CPU, torch 2.13, fp32; oneDNN's scratch is the rest)."""
-    model = build_model(bundle.architecture, bundle.arch_kwargs).eval().to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-    alive: dict[int, int] = {}
-    peak = 0
+    """Host bytes per patch voxel the network's activations take at most: every layer's output counted as
+    alive at once, from forward hooks on the bundle's architecture over a small input (a few ms; 966 bytes
+    for the default model, whose measured peak is ~700)."""
+    model = build_model(bundle.architecture, bundle.arch_kwargs).eval()
+    total = 0
 
-    def track(tensors: object) -> None:
-        for tensor in tensors if isinstance(tensors, (tuple, list)) else (tensors,):
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in alive:
-                key = tensor.untyped_storage().data_ptr()  # an in-place layer returns a storage already counted
-                alive[key] = tensor.untyped_storage().nbytes()
-                weakref.finalize(tensor, alive.pop, key, None)
+    def count(_module: torch.nn.Module, _inputs: object, output: object) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
 
-    def after(_module: torch.nn.Module, inputs: object, output: object) -> None:
-        nonlocal peak
-        track(inputs)
-        track(output)
-        peak = max(peak, sum(alive.values()))
-
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    hooks = [m.register_forward_hook(after) for m in leaves]
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     x = torch.zeros(1, bundle.in_channels, 2 * bundle.divisor, 4 * bundle.divisor, 4 * bundle.divisor)
     try:
         with torch.inference_mode():
-            model(x.contiguous(memory_format=torch.channels_last_3d))
+            model(x)
     finally:
         for hook in hooks:
             hook.remove()
-    return peak / (x.numel() / bundle.in_channels)
+    return total / (x.numel() / bundle.in_channels)
 
 
 def _within_host_memory(patch: tuple[int, int, int], cost: Callable[[tuple[int, int, int]], float], host_bytes: float,
@@ -272,7 +257,7 @@ def _fit_unmeasured(
     source = "options" if patch_shape and batch_size else "bundle"
     default_batch = 1 if backend.device.type == "cpu" else 4
     if host_bytes is not None and backend.can_grow_patch:
-        per_voxel = ACTIVATION_SLACK * activation_bytes_per_voxel(bundle)
+        per_voxel = activation_bytes_per_voxel(bundle)
         if patch_shape is None and batch_size is None and all(p >= v for p, v in zip(patch, volume_shape)):
             one = lambda p: per_voxel * math.prod(p) + reserve_bytes(p)  # noqa: E731
             cut = _fewest_patches(patch, volume_shape, one, host_bytes, bundle.divisor, overlap)
@@ -290,8 +275,8 @@ def _fewest_patches(patch: tuple[int, int, int], volume_shape: Sequence[int], co
                     host_bytes: float, divisor: int, overlap: float) -> tuple[int, int, int] | None:
     """For a volume ``patch`` covers: ``patch`` at batch 1 if its ``cost`` fits ``host_bytes``, else the patch cut
     along the volume's longest side to the fewest patches that fit (as short as that count allows), else None.
-    Halving every side for two patches a call costs their overlap: a 64x256x256 volume runs 2.25x its voxels in
-    64x128x128 pairs, 1.16x in two 64x256x148 patches."""
+    Halving every side for two patches a call costs their overlap: a 64x256x256 volume ran 2.3x its voxels in
+    45 pairs of 32x64x128 (11.0 s against 6.5-6.9 s as one patch), 1.25x in four of 64x256x80 (6.5-7.1 s)."""
     if cost(patch) <= host_bytes:
         return patch
     axis = max(range(3), key=lambda a: (volume_shape[a], a))

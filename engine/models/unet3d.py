@@ -81,23 +81,9 @@ class _Decoder(nn.Module):
         super().__init__()
         self.basic_module = _DoubleConv(in_channels, out_channels, encoder=False, order=order, num_groups=num_groups)
 
-    def forward(self, skips: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """Takes its skip connection off the end of ``skips``, so nothing holds the full-resolution tensors
-        once they are joined: the network's peak memory is the widest layer's input and output."""
-        skip = skips.pop()
-        joined = [torch.cat((skip, F.interpolate(x, size=skip.shape[2:], mode="nearest")), dim=1)]
-        del skip, x
-        return _run_layers(self.basic_module, joined)
-
-
-def _run_layers(block: nn.Module, holder: list[torch.Tensor]) -> torch.Tensor:
-    """``block``'s leaf layers in order on the tensor in ``holder``, each input dropped as soon as its layer
-    returns (``nn.Sequential`` keeps its caller's input alive through every layer)."""
-    x = holder.pop()
-    for layer in block.modules():
-        if not any(True for _ in layer.children()):
-            x = layer(x)
-    return x
+    def forward(self, encoder_features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=encoder_features.shape[2:], mode="nearest")
+        return self.basic_module(torch.cat((encoder_features, x), dim=1))
 
 
 class UNet3D(nn.Module):
@@ -156,13 +142,12 @@ class UNet3D(nn.Module):
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits, ``(N, out_channels, Z, Y, X)``; training uses these."""
-        skips: list[torch.Tensor] = []
+        features: list[torch.Tensor] = []
         for encoder in self.encoders:
             x = encoder(x)
-            skips.append(x)
-        skips.pop()  # the deepest level is ``x`` itself
-        for decoder in self.decoders:
-            x = decoder(skips, x)
+            features.insert(0, x)
+        for decoder, skip in zip(self.decoders, features[1:]):
+            x = decoder(skip, x)
         return self.final_conv(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
