@@ -284,7 +284,8 @@ class SlabLabeler:
         lut = self._marker_ids(window.n_markers, registry[3], window.markers_at(local))
         self._link_pending(window.markers_at, lut, block)
         ids = lut[window.markers_at(at)]
-        flooded = window.flood(boundary=self.output.kind == "boundary", open_background=self.open_background)
+        flooded = window.flood(boundary=self.output.kind == "boundary", open_background=self.open_background,
+                               needed=block.local())
         del window
         in_block = flooded[block.local()]
         labels = lut.astype(np.uint32)[in_block]

@@ -78,11 +78,12 @@ class HostWindow:
         assert self.markers is not None, "place() the seeds first"
         return self.markers[tuple(np.asarray(points).reshape(-1, 3).T)]
 
-    def flood(self, *, boundary: bool, open_background: bool) -> NDArray[np.int32]:
+    def flood(self, *, boundary: bool, open_background: bool, needed: Box | None = None) -> NDArray[np.int32]:
         """The flooded window (after :meth:`place`): boundary models fill every voxel then lose the
         background (found from the mask, on a thread of its own while the flood runs when ``threads`` > 1);
         foreground models flood the negated distance inside the interior. Drops the window's arrays as it
-        goes (the window's peak memory)."""
+        goes (the window's peak memory). ``needed``: the box the caller reads; plateaus outside it may stay
+        unlabelled (:func:`engine.labels.flood.flood_plateaus`)."""
         assert self.markers is not None, "place() the seeds first"
         image, markers, components = self.image if boundary else -self.distance, self.markers, self.components
         del self.distance, self.markers, self.components  # each array goes as soon as it is done with: the peak
@@ -94,7 +95,7 @@ class HostWindow:
             background = pool.submit(find_background) if self.threads > 1 else None
             resolved = resolve_components(image, markers, components, threads=self.threads)
             del markers, components, image
-            flooded = fill(self.image, resolved)
+            flooded = fill(self.image, resolved, needed=needed)
             del resolved
             flooded[find_background() if background is None else background.result()] = 0
         return flooded
@@ -186,10 +187,10 @@ class DeviceWindow:
         index = torch.from_numpy(np.asarray(points, dtype=np.int64).reshape(-1, 3).T).to(self.device)
         return self.markers_t[tuple(index)].cpu().numpy()
 
-    def flood(self, *, boundary: bool, open_background: bool) -> NDArray[np.int32]:
-        """As :meth:`HostWindow.flood`, the array steps on the device."""
+    def flood(self, *, boundary: bool, open_background: bool, needed: Box | None = None) -> NDArray[np.int32]:
+        """As :meth:`HostWindow.flood`, the array steps on the device (which floods every plateau)."""
         return self._on_device("the flood", lambda: self._flood(boundary=boundary, open_background=open_background),
-                               lambda host: host.flood(boundary=boundary, open_background=open_background))
+                               lambda host: host.flood(boundary=boundary, open_background=open_background, needed=needed))
 
     def _flood(self, *, boundary: bool, open_background: bool) -> NDArray[np.int32]:
         if not boundary:

@@ -112,6 +112,29 @@ def test_matches_full_watershed_on_membranes() -> None:
     assert (fast == full).mean() > 0.998
 
 
+def test_plateaus_outside_the_needed_box_are_skipped_and_the_box_is_unchanged() -> None:
+    """A slab window reads only its block: plateaus with no voxel there may stay unlabelled, and the block's
+    labels equal those of flooding every plateau (a plateau's flood stays inside it and its rim). Seeds only
+    in the upper half, as in a window whose lower halo's cells were seeded below it: its seedless cells
+    leave plateaus, and those that do not reach the block are skipped."""
+    probs = _membrane_probs()
+    mask = probs[0] < 0.5
+    components = _components(mask)
+    seeds = find_seeds(distance_transform(mask, sampling=None, threads=1), components, min_dist=3, sampling=None)
+    seeds = seeds[seeds[:, 0] >= 24]
+    markers = np.zeros(mask.shape, np.int32)
+    markers[tuple(seeds.T)] = np.arange(1, len(seeds) + 1)
+    resolved = flood_module.resolve_components(probs[0], markers, components)
+    descended, reached = descend(probs[0], resolved)
+    block = (slice(32, 48), slice(0, 64), slice(0, 64))
+    every = flood_module.flood_plateaus(probs[0], resolved, descended, reached)
+    some = flood_module.flood_plateaus(probs[0], resolved, descended, reached, needed=block)
+    assert (some[block] == every[block]).all() and (every > 0).all()
+    skipped = some == 0
+    assert skipped.sum() > 100 and not skipped[block].any()  # 143 here
+    assert (flood_module.flood_plateaus(probs[0], resolved, descended, reached, needed=(slice(None),) * 3) == every).all()
+
+
 def test_descent_follows_the_slope_and_leaves_plateaus() -> None:
     image = np.array([[[0.0, 0.5, 0.9, 0.6, 0.0, 0.7, 0.7]]], dtype=np.float32)
     labels = np.array([[[1, 0, 0, 0, 2, 0, 0]]], dtype=np.int32)
