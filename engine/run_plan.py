@@ -262,7 +262,7 @@ def _network_bytes(budget: int, bundle: Bundle, options: SegmentOptions, model_s
     labels are made), all of the budget but the run's own buffers, so the fitter keeps one patch where its
     activations fit and cuts it into as few as fit where not (:func:`engine.fitting.fit_tiling`). Measured
     (benchmarks/PERFORMANCE.md, one-slab stacks): 64x512x512 in bundle patches took 3515 MiB against 1691 in
-    budgeted ones; 64x256x256 in its one patch 3163-3176 MiB against the 2064 promised, in four 1343-1359."""
+    budgeted ones; 64x256x256 in its one patch 3163-3176 MiB against the 2064 promised, in four 1312-1359."""
     k = len(bundle.output.names)
     spec = _postprocess_spec(bundle, options)
     whole = (POSTPROCESS_BYTES.get(spec.method, 72) + 8 * k + 4 + 8 * bundle.in_channels) * math.prod(model_shape)

@@ -32,7 +32,7 @@ from .seeded import seeded_watershed
 
 __all__ = [
     "FLOOD_GROUPS", "FLOOD_VOXELS_PER_THREAD", "box_of", "descend", "fill", "flood", "flood_pieces", "flood_plateaus",
-    "pieces_in", "resolve_components", "rim", "seat_components", "split_shared",
+    "resolve_components", "rim", "seat_components", "split_shared",
 ]
 
 TIE_BREAK = 1e-9  # rim order among equal boundary probabilities (float32 steps at membrane levels are >= 3e-8)
@@ -243,7 +243,7 @@ def flood_plateaus(image: np.ndarray, resolved: NDArray[np.int32], descended: ND
     """
     rest = descended == 0
     if needed is not None and any(s.indices(n)[:2] != (0, n) for s, n in zip(needed, rest.shape)):
-        rest = pieces_in(rest, needed)
+        rest = _pieces_in(rest, needed)
     if not rest.any():
         return descended
     box = box_of(rest, margin=1)
@@ -252,7 +252,7 @@ def flood_plateaus(image: np.ndarray, resolved: NDArray[np.int32], descended: ND
     return descended
 
 
-def pieces_in(region: NDArray[np.bool_], box: tuple[slice, ...], /) -> NDArray[np.bool_]:
+def _pieces_in(region: NDArray[np.bool_], box: tuple[slice, ...], /) -> NDArray[np.bool_]:
     """The face-connected pieces of ``region`` that have a voxel in ``box``."""
     pieces, n = cc3d.connected_components(region, connectivity=6, return_N=True)
     keep = np.zeros(n + 1, dtype=bool)
