@@ -27,6 +27,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -258,15 +259,14 @@ def _fit_unmeasured(
     default_batch = 1 if backend.device.type == "cpu" else 4
     if host_bytes is not None and backend.can_grow_patch:
         per_voxel = activation_bytes_per_voxel(bundle)
+        cost = lambda p, batch: batch * per_voxel * math.prod(p) + reserve_bytes(p)  # noqa: E731
         if patch_shape is None and batch_size is None and all(p >= v for p, v in zip(patch, volume_shape)):
-            one = lambda p: per_voxel * math.prod(p) + reserve_bytes(p)  # noqa: E731
-            cut = _fewest_patches(patch, volume_shape, one, host_bytes, bundle.divisor, overlap)
+            cut = _fewest_patches(patch, volume_shape, partial(cost, batch=1), host_bytes, bundle.divisor, overlap)
             if cut is not None:
                 return Fit(cut, 1, source if cut == patch else "host memory")
-        batch = batch_size or CPU_BATCH
-        cost = lambda p: batch * per_voxel * math.prod(p) + reserve_bytes(p)  # noqa: E731
-        fitted = patch if patch_shape is not None else _within_host_memory(patch, cost, host_bytes, bundle.divisor)
-        default_batch = CPU_BATCH if cost(fitted) <= host_bytes else 1
+        batched = partial(cost, batch=batch_size or CPU_BATCH)
+        fitted = patch if patch_shape is not None else _within_host_memory(patch, batched, host_bytes, bundle.divisor)
+        default_batch = CPU_BATCH if batched(fitted) <= host_bytes else 1
         source, patch = (source if fitted == patch else "host memory"), fitted
     return Fit(patch, batch_size or default_batch, source)
 

@@ -164,7 +164,7 @@ def plan_slabs(
     budget = memory_bytes if memory_bytes is not None else min(DEFAULT_MEMORY_BYTES, available_memory() // 2)
     halo = (0 if spec.method == "components" else max(_MIN_DEPTH, 2 * int(spec.min_dist))) if halo is None else halo
     plane = y * x
-    infer_bytes = 8 * c + (0 if device_type == "cuda" else 4 * out_channels + 4)
+    infer_bytes = _blend_bytes(c, out_channels, device_type)
     post_bytes = POSTPROCESS_BYTES.get(spec.method, 72) + 4 * out_channels  # + planes queued for it
     outputs = (4 + 4 * out_channels) * z * plane  # labels and probabilities, held in memory by a one-slab run
     pz, step = grid_config.patch_shape[0], max(1, round(grid_config.patch_shape[0] * (1 - grid_config.overlap)))
@@ -180,6 +180,11 @@ def plan_slabs(
     # Groups emit about a slab's planes each (more would only delay the labelling), within the budget.
     rows = max(1, min((infer_planes - pz) // step + 1, round(depth / step)))
     return SlabPlan(depth=min(depth, z), halo=halo if depth < z else 0, rows_per_group=rows, tile=tile)
+
+
+def _blend_bytes(in_channels: int, out_channels: int, device_type: str) -> int:
+    """Host bytes a voxel for the network's input and, off CUDA, the blend's sums (probabilities, weights)."""
+    return 8 * in_channels + (0 if device_type == "cuda" else 4 * out_channels + 4)
 
 
 def _tiled_cores(window_voxels: int, plane: tuple[int, int], halo: int, base: int, budget: int) -> tuple[int, int]:
@@ -267,7 +272,7 @@ def _network_bytes(budget: int, bundle: Bundle, options: SegmentOptions, model_s
     spec = _postprocess_spec(bundle, options)
     whole = (POSTPROCESS_BYTES.get(spec.method, 72) + 8 * k + 4 + 8 * bundle.in_channels) * math.prod(model_shape)
     if all(s <= p for s, p in zip(model_shape, bundle.patch_shape)) and whole <= budget:
-        return budget - (8 * bundle.in_channels + 4 * k + 4) * math.prod(model_shape)  # the volume, the blend's sums
+        return budget - _blend_bytes(bundle.in_channels, k, "cpu") * math.prod(model_shape)
     return NETWORK_SHARE * budget
 
 
