@@ -57,7 +57,10 @@ def _speedups(results: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
 
 def _machine_line(doc: dict[str, Any]) -> str:
     m = doc.get("machine", {})
-    parts = [str(m.get("gpu") or ""), f"{m.get('cpu', '?')} ({m.get('cores_available', '?')} cores)", f"torch {m.get('torch', '?')}"]
+    cores = f"{m.get('cores_available', '?')} cores"
+    if m.get("cpu_flags") is not None:  # runs recorded before the flags were: none shown
+        cores += "; flags: " + (" ".join(m["cpu_flags"]) or "none of the vector and bf16 ones")
+    parts = [str(m.get("gpu") or ""), f"{m.get('cpu', '?')} ({cores})", f"torch {m.get('torch', '?')}"]
     load = m.get("loadavg_start")
     if load:
         parts.append(f"load avg at start {load[0]:.2f}" + (f", at end {m['loadavg_end'][0]:.2f}" if m.get("loadavg_end") else ""))

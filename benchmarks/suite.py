@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from engine.backends.torch_backend import cpu_has_native_bf16, default_threads
+from engine.backends.torch_backend import cpu_flags, cpu_has_native_bf16, default_threads
 from engine.bundle import Bundle
 from engine.errors import CellSegError
 from engine.metrics import match_instances
@@ -30,8 +30,10 @@ from .cases import SIZES, bench_bundle, make_case, reference_probabilities, scra
 from .measure import flops_per_voxel, machine_peaks, native_precisions
 from .methods import Context, default_methods, run_method
 
-__all__ = ["SuiteConfig", "run_suite", "machine_info"]
+__all__ = ["SPEED_FLAGS", "SuiteConfig", "run_suite", "machine_info"]
 
+# the CPU features a figure depends on (vector width, bf16 arithmetic), recorded with every run
+SPEED_FLAGS = frozenset({"avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "asimd", "bf16", "sve"})
 GENERATE_VOXELS_PER_S = 2.5e6  # synthetic volume generation speed on the project's CPU (for the time budget)
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,7 @@ def machine_info(device: torch.device, /) -> dict[str, Any]:
         "cores_available": default_threads(),
         "torch_threads": torch.get_num_threads(),
         "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_flags": sorted((cpu_flags() or frozenset()) & SPEED_FLAGS),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "loadavg_start": list(os.getloadavg()),

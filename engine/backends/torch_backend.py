@@ -16,21 +16,26 @@ import torch
 from ..bundle import Bundle
 from .base import Backend, BackendOptions
 
-__all__ = ["TorchCPUBackend", "TorchCUDABackend", "cpu_has_native_bf16", "default_threads"]
+__all__ = ["TorchCPUBackend", "TorchCUDABackend", "cpu_flags", "cpu_has_native_bf16", "default_threads"]
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (x86 ``flags``, Arm ``Features``); None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return frozenset()
 
 
 def cpu_has_native_bf16() -> bool:
     """True when the CPU has bf16 arithmetic (x86 AVX512-BF16/AMX-BF16, Arm BF16)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            info = fh.read()
-    except OSError:
+    flags = cpu_flags()
+    if flags is None:
         return platform.machine() == "arm64"  # Apple silicon has bf16
-    flags = set()
-    for line in info.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-            break
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 

@@ -50,3 +50,10 @@ def test_one_tiny_case_runs_and_reports(tmp_path: Path) -> None:
     assert record["voxels_per_s"] > 0 and record["gflops"] > 0 and 0 < record["peak_fraction"]
     table = markdown(doc)
     assert "| original-loop fp32 |" in table and "### tiny (16x48x48)" in table
+    # every figure names the CPU features it depends on (a bf16 or AVX-512 host runs another speed)
+    from benchmarks.suite import SPEED_FLAGS
+    from engine.backends.torch_backend import cpu_flags
+
+    flags = doc["machine"]["cpu_flags"]
+    assert set(flags) == set((cpu_flags() or frozenset()) & SPEED_FLAGS)
+    assert table.splitlines()[0].startswith("Machine: ") and ("flags: " + " ".join(flags)) in table.splitlines()[0]
