@@ -275,10 +275,11 @@ def _pieces_in(region: NDArray[np.bool_], box: tuple[slice, ...], /) -> NDArray[
         keep[0] = False
         return keep[pieces]
     z0, z1 = box[0].indices(len(region))[:2]
+    if z0 >= z1:  # an empty box: no piece reaches it
+        return np.zeros_like(region)
     kept = region.copy()
     for side, outer, inner in ((slice(0, z0), z0 - 1, z0), (slice(z1, len(region)), z1, z1 - 1)):
-        if not 0 <= outer < len(region) or z0 >= z1:
-            kept[side] = False
+        if side.start == side.stop:  # the box reaches this end of the volume
             continue
         pieces, n = cc3d.connected_components(region[side], connectivity=6, return_N=True)
         touching = np.zeros(n + 1, dtype=bool)
