@@ -4,7 +4,8 @@
 #     16, each with a third of the cores making volumes), continued from the shipped weights (stage 6): one
 #     on stage 6's data (the control: more steps alone; 70% tissue volumes, 10% empty fields of camera
 #     noise), one on wider data (small cells drawn from 5 voxels and zoomed into the model's range as the
-#     engine does, 80% tissue volumes, 5% empty fields); which one ships
+#     engine does; cell sizes spread up to 0.8, walls bent up to 0.6, staining patchiness up to 1, the
+#     ranges `python -m training.evaluate --probe` scores past; 80% tissue volumes, 5% empty fields); which one ships
 #     (if either) is decided afterwards on the validation volumes, not here;
 #   - meanwhile: the CUDA equality test of the torch labelling steps, the device labelling benchmark
 #     (benchmarks/labels_device.py), the cost of --tta and the GPU-marked backend tests;
@@ -27,7 +28,8 @@ lscpu | grep -E 'Model name|^CPU\(s\)' >> "$OUT/env.log"
 
 LR=5e-4 BATCH=16 POOL=64 WORKERS=$third DATA="--p-tissue 0.7 --p-empty 0.1" scripts/train_gpu.sh "$WORK/control" "$SECS" > "$WORK/a.log" 2>&1 &
 A=$!
-LR=5e-4 BATCH=16 POOL=64 WORKERS=$third DATA="--p-tissue 0.8 --tissue-diameter 5 30 --p-engine-zoom 0.5 --p-empty 0.05" \
+LR=5e-4 BATCH=16 POOL=64 WORKERS=$third DATA="--p-tissue 0.8 --tissue-diameter 5 30 --p-engine-zoom 0.5 --p-empty 0.05 \
+    --tissue-size-spread 0 0.8 --tissue-warp 0 0.6 --tissue-patchiness 0 1" \
     scripts/train_gpu.sh "$WORK/wide" "$SECS" > "$WORK/b.log" 2>&1 &
 B=$!
 

@@ -67,6 +67,9 @@ class DataSettings:
     noise_sigma: tuple[float, float] = (0.0, 0.08)
     p_tissue: float = 0.0
     tissue_diameter: tuple[float, float] = (8.0, 24.0)
+    tissue_size_spread: tuple[float, float] = (0.0, 0.4)
+    tissue_warp: tuple[float, float] = (0.0, 0.35)
+    tissue_patchiness: tuple[float, float] = (0.0, 0.8)
     tissue_photons: tuple[float, float] = (10.0, 500.0)
     tissue_z_steps: tuple[int, ...] = (1, 1, 2, 3, 4)
     p_dome: float = 0.3
@@ -106,9 +109,9 @@ def _tissue_volume(seed: int, settings: DataSettings, rng: np.random.Generator) 
     target is 1, so the model marks it as not-cell."""
     z_step = int(rng.choice(settings.tissue_z_steps))
     tissue = TissueSettings(
-        cell_diameter=float(rng.uniform(*settings.tissue_diameter)), size_spread=float(rng.uniform(0.0, 0.4)),
-        warp=float(rng.uniform(0.0, 0.35)), z_step=z_step, membrane=str(rng.choice(["thin", "double", "double", "thick"])),  # type: ignore[arg-type]
-        patchiness=float(rng.uniform(0.0, 0.8)), dome=bool(rng.random() < settings.p_dome),
+        cell_diameter=float(rng.uniform(*settings.tissue_diameter)), size_spread=float(rng.uniform(*settings.tissue_size_spread)),
+        warp=float(rng.uniform(*settings.tissue_warp)), z_step=z_step, membrane=str(rng.choice(["thin", "double", "double", "thick"])),  # type: ignore[arg-type]
+        patchiness=float(rng.uniform(*settings.tissue_patchiness)), dome=bool(rng.random() < settings.p_dome),
         photons=float(np.exp(rng.uniform(np.log(settings.tissue_photons[0]), np.log(settings.tissue_photons[1])))),
     )
     zoom = 1.0

@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-bf16-check", action="store_true", help="skip the bf16 vs fp32 comparison")
     parser.add_argument("--old-bundle", type=Path, default=None, help="also score this bundle on the stress rows, rescaling off")
     parser.add_argument("--no-stress", action="store_true", help="skip the stress matrix")
+    parser.add_argument("--probe", action="store_true",
+                        help="also score the probe rows, factors past the training ranges (training.stress.probe_rows)")
     parser.add_argument("--tta", action="store_true", help="also score the model with test-time flips on the stress rows (nothing with --no-stress)")
     parser.add_argument("--record", action="store_true",
                         help="write the figures into the bundle's bundle.json (validation.held_out_evaluation)")
@@ -200,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         old = load_bundle(args.old_bundle) if args.old_bundle is not None else None
         report["stress"] = run_stress(bundle, old_bundle=old, quick=args.quick, tta=args.tta)
         print("\n" + format_stress(report["stress"]))
-    print(f"\n({report['wall_time_s']:.0f} s + stress {report.get('stress', {}).get('wall_time_s', 0):.0f} s; {command})")
+    if args.probe:
+        report["probe"] = run_stress(bundle, quick=args.quick, probe=True)
+        print("\nProbe rows, past the training ranges:\n" + format_stress(report["probe"]))
+    extra = "".join(f" + {key} {report[key]['wall_time_s']:.0f} s" for key in ("stress", "probe") if key in report)
+    print(f"\n({report['wall_time_s']:.0f} s{extra}; {command})")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.record:

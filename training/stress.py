@@ -25,10 +25,15 @@ from engine.tissue import TissueSettings, make_tissue_volume
 
 from .baseline import BaselineParams, classical_segment, tune_baseline
 
-__all__ = ["STRESS_SEED_BASE", "BASELINE_SEED_BASE", "StressRow", "stress_rows", "run_stress", "format_stress"]
+__all__ = [
+    "STRESS_SEED_BASE", "BASELINE_SEED_BASE", "PROBE_SEED_BASE", "PROBE_BASELINE_SEED_BASE", "StressRow", "stress_rows",
+    "probe_rows", "run_stress", "format_stress",
+]
 
 STRESS_SEED_BASE = 900
 BASELINE_SEED_BASE = 950
+PROBE_SEED_BASE = 920
+PROBE_BASELINE_SEED_BASE = 930
 _METRICS = ("n_gt", "n_pred", "f1", "mean_matched_iou", "adapted_rand_error")
 
 
@@ -46,26 +51,42 @@ class StressRow:
         return make_tissue_volume(self.shape, seed=seed, settings=self.settings)
 
 
+def _row(name: str, z: int, xy: int, shape_z: int | None = None, side: int | None = None, **kw: Any) -> StressRow:
+    settings = TissueSettings(**{k: v for k, v in kw.items() if k != "voxel_size_um"})
+    return StressRow(name, settings, (shape_z or z, side or xy, side or xy), voxel_size_um=kw.get("voxel_size_um"))
+
+
+def _sides(quick: bool) -> tuple[int, int]:
+    return (40, 128) if quick else (64, 192)
+
+
 def stress_rows(*, quick: bool = False) -> list[StressRow]:
     """The rows: plain, anisotropy 3x and 4x (and 3x with its voxel size), small, large, thin membranes,
     15 photons, dome with background."""
-    xy = 128 if quick else 192
-    z = 40 if quick else 64
-
-    def row(name: str, shape_z: int | None = None, side: int = xy, **kw: Any) -> StressRow:
-        settings = TissueSettings(**{k: v for k, v in kw.items() if k != "voxel_size_um"})
-        return StressRow(name, settings, (shape_z or z, side, side), voxel_size_um=kw.get("voxel_size_um"))
-
+    z, xy = _sides(quick)
     return [
-        row("plain (12 vox, isotropic)"),
-        row("anisotropy 3x", shape_z=z // 3, z_step=3, cell_diameter=14),
-        row("anisotropy 4x", shape_z=z // 4, z_step=4, cell_diameter=16),
-        row("anisotropy 3x, voxel size given", shape_z=z // 3, z_step=3, cell_diameter=14, voxel_size_um=(3.0, 1.0, 1.0)),
-        row("small cells (7 vox)", cell_diameter=7),
-        row("large cells (35 vox)", shape_z=int(z * 1.5), side=int(xy * 1.5), cell_diameter=35),
-        row("thin membranes (1 vox)", membrane="thin"),
-        row("15 photons", photons=15.0),
-        row("dome with background, z 2x", shape_z=z // 2, z_step=2, cell_diameter=11, dome=True),
+        _row("plain (12 vox, isotropic)", z, xy),
+        _row("anisotropy 3x", z, xy, shape_z=z // 3, z_step=3, cell_diameter=14),
+        _row("anisotropy 4x", z, xy, shape_z=z // 4, z_step=4, cell_diameter=16),
+        _row("anisotropy 3x, voxel size given", z, xy, shape_z=z // 3, z_step=3, cell_diameter=14, voxel_size_um=(3.0, 1.0, 1.0)),
+        _row("small cells (7 vox)", z, xy, cell_diameter=7),
+        _row("large cells (35 vox)", z, xy, shape_z=int(z * 1.5), side=int(xy * 1.5), cell_diameter=35),
+        _row("thin membranes (1 vox)", z, xy, membrane="thin"),
+        _row("15 photons", z, xy, photons=15.0),
+        _row("dome with background, z 2x", z, xy, shape_z=z // 2, z_step=2, cell_diameter=11, dome=True),
+    ]
+
+
+def probe_rows(*, quick: bool = False) -> list[StressRow]:
+    """Factors past the shipped model's training ranges (``training.data.DataSettings``: size spread 0-0.4,
+    warp 0-0.35, patchiness 0-0.8) and small cells at a coarse z step: where the next training run should
+    reach (``python -m training.evaluate --probe``)."""
+    z, xy = _sides(quick)
+    return [
+        _row("cell sizes spread 0.8 (14 vox)", z, xy, cell_diameter=14, size_spread=0.8),
+        _row("walls bent 0.6", z, xy, warp=0.6),
+        _row("staining patchiness 1.0", z, xy, patchiness=1.0),
+        _row("small cells at z 3x (10 vox, 3 planes)", z, xy, shape_z=z // 3, z_step=3, cell_diameter=10),
     ]
 
 
@@ -80,19 +101,21 @@ def _run_bundle(bundle: Bundle, image: np.ndarray, row: StressRow, options: Segm
     return result.labels, time.perf_counter() - started, result.report.scale.describe()
 
 
-def run_stress(bundle: Bundle, /, *, old_bundle: Bundle | None = None, quick: bool = False, tta: bool = False) -> dict[str, Any]:
+def run_stress(bundle: Bundle, /, *, old_bundle: Bundle | None = None, quick: bool = False, tta: bool = False,
+               probe: bool = False) -> dict[str, Any]:
     """Score every row for ``bundle`` (defaults; with ``tta`` also with test-time flips), ``old_bundle``
-    (rescaling off) and the tuned baseline."""
-    rows = stress_rows(quick=quick)
+    (rescaling off) and the tuned baseline; ``probe``: the rows of :func:`probe_rows` instead, on their own seeds."""
+    rows = probe_rows(quick=quick) if probe else stress_rows(quick=quick)
+    seed_base, validation_seed_base = (PROBE_SEED_BASE, PROBE_BASELINE_SEED_BASE) if probe else (STRESS_SEED_BASE, BASELINE_SEED_BASE)
     started = time.perf_counter()
     validation = []
     for i, row in enumerate(rows):
-        vol = row.volume(BASELINE_SEED_BASE + i)
+        vol = row.volume(validation_seed_base + i)
         validation.append((vol.image, vol.labels))
     params, val_score = tune_baseline(validation)
     out = []
     for i, row in enumerate(rows):
-        vol = row.volume(STRESS_SEED_BASE + i)
+        vol = row.volume(seed_base + i)
         labels, seconds, scale = _run_bundle(bundle, vol.image, row, SegmentOptions())
         entry: dict[str, Any] = {"row": row.name, "shape": list(row.shape), "scale": scale, "model": _scores(labels, vol.labels, seconds)}
         if tta:

@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of training volumes from engine.tissue (wide randomization). Default: %(default)s")
     parser.add_argument("--tissue-diameter", type=float, nargs=2, default=DataSettings.tissue_diameter, metavar=("LO", "HI"),
                         help="cell diameters (voxels) of the engine.tissue volumes. Default: %(default)s")
+    for flag, default, what in (("--tissue-size-spread", DataSettings.tissue_size_spread, "relative spread of the cells' sizes"),
+                                ("--tissue-warp", DataSettings.tissue_warp, "wall bending, a fraction of the cell diameter"),
+                                ("--tissue-patchiness", DataSettings.tissue_patchiness, "unevenness of the membrane staining, 0..1")):
+        parser.add_argument(flag, type=float, nargs=2, default=default, metavar=("LO", "HI"),
+                            help=f"range of the engine.tissue volumes' {what}. Default: %(default)s")
     parser.add_argument("--p-engine-zoom", type=float, default=0.0,
                         help="odds that a tissue volume whose cells lie outside the model's diameter range is zoomed "
                              "into it as the engine zooms (small cells grown). Default: %(default)s")
@@ -353,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                          pool_size=args.pool_size, bf16=not args.no_bf16, threads=args.threads, device=args.device,
                          workers=args.workers, time_limit_s=args.time_limit)
     settings = DataSettings(p_tissue=args.p_tissue, tissue_diameter=tuple(args.tissue_diameter), p_engine_zoom=args.p_engine_zoom,
-                            p_empty=args.p_empty)
+                            p_empty=args.p_empty, tissue_size_spread=tuple(args.tissue_size_spread),
+                            tissue_warp=tuple(args.tissue_warp), tissue_patchiness=tuple(args.tissue_patchiness))
     state = train(config, settings, args.checkpoint, save_every=args.save_every, log_every=args.log_every,
                   init=args.init)
     command = "python -m training.train_default " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -48,3 +48,33 @@ def test_empty_fields_are_normalized_noise_with_no_cell() -> None:
         low, high = np.percentile(vol.image, [1.0, 99.8])
         assert abs(low) < 0.02 and abs(high - 1.0) < 0.02
         assert make_train_volume(seed, DataSettings(volume_shape=SHAPE)).target.min() == 0  # cells without the option
+
+
+def _tissue(seed: int, **ranges: tuple[float, float]):  # noqa: ANN202 - training.data.TrainVolume
+    settings = DataSettings(volume_shape=SHAPE, p_tissue=1.0, p_dome=0.0, tissue_z_steps=(1,), tissue_diameter=(12.0, 12.01), **ranges)
+    return make_train_volume(seed, settings)
+
+
+def test_the_tissue_shape_ranges_reach_the_simulator() -> None:
+    """``--tissue-size-spread``, ``--tissue-warp`` and ``--tissue-patchiness`` set what the tissue volumes are
+    drawn with: the same seed at the range's two ends gives cells of more varied sizes, more bent walls and
+    more uneven membranes (measured, seeds 21-23: the interiors' size spread 0.61-0.73 -> 1.21-1.31, the wall
+    fraction 0.41-0.42 -> 0.53-0.56, the membranes' intensity spread 0.29-0.35 -> 0.68-0.73)."""
+
+    def size_spread(target: np.ndarray) -> float:
+        interiors, _ = ndimage.label(target == 0)
+        sizes = np.bincount(interiors.ravel())[1:]
+        sizes = sizes[sizes > 20]
+        return float(sizes.std() / sizes.mean())
+
+    def stain_spread(vol) -> float:  # noqa: ANN001 - training.data.TrainVolume
+        membrane = vol.image[vol.target == 1]
+        return float(membrane.std() / membrane.mean())
+
+    for seed in (21, 22):
+        alike, varied = (size_spread(_tissue(seed, tissue_size_spread=(s, s)).target) for s in (0.0, 0.8))
+        assert varied > 1.4 * alike, (seed, alike, varied)
+        even, patchy = (stain_spread(_tissue(seed, tissue_patchiness=(p, p))) for p in (0.0, 1.0))
+        assert patchy > 1.6 * even, (seed, even, patchy)
+        flat, bent = (float(_tissue(seed, tissue_warp=(w, w)).target.mean()) for w in (0.0, 0.6))
+        assert bent > 1.15 * flat, (seed, flat, bent)
