@@ -12,11 +12,15 @@ from training.data import MODEL_DIAMETER, DataSettings, make_train_volume
 SHAPE = (32, 96, 96)
 
 
+def _tissue(seed: int, **settings: object):  # noqa: ANN202 - training.data.TrainVolume
+    """A training volume drawn from ``engine.tissue`` only: no dome, no z step, 12-voxel cells unless told."""
+    drawn = {"tissue_diameter": (12.0, 12.01), **settings}
+    return make_train_volume(seed, DataSettings(volume_shape=SHAPE, p_tissue=1.0, p_dome=0.0, tissue_z_steps=(1,), **drawn))
+
+
 def _cells(p_engine_zoom: float, diameter: float, seed: int) -> int:
     """How many cell interiors (target 0) a training volume of ``diameter``-voxel cells holds."""
-    settings = DataSettings(volume_shape=SHAPE, p_tissue=1.0, p_dome=0.0, tissue_z_steps=(1,),
-                            tissue_diameter=(diameter, diameter + 0.01), p_engine_zoom=p_engine_zoom)
-    vol = make_train_volume(seed, settings)
+    vol = _tissue(seed, tissue_diameter=(diameter, diameter + 0.01), p_engine_zoom=p_engine_zoom)
     assert vol.image.shape == SHAPE and vol.target.shape == SHAPE
     return int(ndimage.label(vol.target == 0)[1])
 
@@ -48,11 +52,6 @@ def test_empty_fields_are_normalized_noise_with_no_cell() -> None:
         low, high = np.percentile(vol.image, [1.0, 99.8])
         assert abs(low) < 0.02 and abs(high - 1.0) < 0.02
         assert make_train_volume(seed, DataSettings(volume_shape=SHAPE)).target.min() == 0  # cells without the option
-
-
-def _tissue(seed: int, **ranges: tuple[float, float]):  # noqa: ANN202 - training.data.TrainVolume
-    settings = DataSettings(volume_shape=SHAPE, p_tissue=1.0, p_dome=0.0, tissue_z_steps=(1,), tissue_diameter=(12.0, 12.01), **ranges)
-    return make_train_volume(seed, settings)
 
 
 def test_the_tissue_shape_ranges_reach_the_simulator() -> None:
